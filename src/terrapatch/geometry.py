@@ -1,0 +1,420 @@
+"""Geometry contract: grids, point → pixel, the sampling grid G, per-source windows, output grid.
+
+This module is the single source of truth for every window terrapatch reads.
+Extraction, patch-based serving and fully-convolutional serving all call it;
+none of them computes a window on its own (DESIGN.md §2).
+
+Vocabulary
+----------
+Source ``i`` is a north-up raster grid with outer corner ``(L_i, T_i)``, pixel
+spacing ``s_i`` and a receptive field (patch size) ``rf_i`` in its own pixels.
+Source 1 (index 0) is the reference.
+
+The *sampling grid* G has spacing ``f · s_1`` (``f`` = ``factor``, a positive
+integer: ``spcscale`` when serving). Its lines are source-1 grid lines, shifted
+by ``offset`` source-1 pixels so that, wherever the other sources' grids nest,
+G's lines are also theirs. A *cell* of G is one output pixel when serving and
+one sample when extracting.
+
+A cell's *reference pixel* is the top-left source-1 pixel inside it. Source 1's
+window starts at ``ref - rf_1 // 2`` (OTBTF's rule); its physical centre is C.
+Every other source takes the ``rf_i``-pixel window centred on C::
+
+    start_i = floor((C - L_i) / s_i - rf_i / 2 + 0.5)
+
+With an expression field ``e > 1`` (fully-convolutional models that emit
+``e × e`` output pixels per input window), cells are grouped in blocks of
+``e × e`` and a block's window is centred on the mean of its cells' centres.
+
+All computations are done per axis; the y axis uses ``t = -y`` so that both
+axes increase with the pixel index.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+from affine import Affine
+from rasterio.windows import Window
+
+from terrapatch.errors import CRSMismatchError, GeometryError, InputError
+
+#: Tolerance, in pixels, under which a continuous index is snapped to the nearest integer
+#: before taking its floor. Guards exact-boundary cases against float64 round-off.
+SNAP_TOLERANCE = 1e-6
+
+
+def floor_index(values: np.ndarray | float) -> np.ndarray:
+    """Floor continuous pixel indices, snapping values within tolerance of an integer to it.
+
+    A value that is an integer up to round-off (``2.9999999999``) is treated as that
+    integer, so points lying exactly on a pixel boundary go to the pixel with the
+    larger index, as in OTBTF (round half up on the centre-based index).
+    """
+    u = np.asarray(values, dtype=np.float64)
+    nearest = np.rint(u)
+    snapped = np.abs(u - nearest) <= SNAP_TOLERANCE
+    return np.where(snapped, nearest, np.floor(u)).astype(np.int64)
+
+
+def _is_integer(value: float) -> bool:
+    return abs(value - round(value)) <= SNAP_TOLERANCE
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One axis of a grid: ``coordinate = origin + index * spacing`` (spacing > 0)."""
+
+    origin: float
+    spacing: float
+    size: int
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A north-up raster grid: affine transform, size and CRS.
+
+    Parameters
+    ----------
+    transform
+        GDAL-style affine transform; must be north-up (no rotation, x spacing > 0,
+        y spacing < 0).
+    width, height
+        Size in pixels.
+    crs
+        Coordinate reference system (rasterio ``CRS``) or None.
+    name
+        Label used in error messages (e.g. ``"source1.il"``); not part of equality.
+    """
+
+    transform: Affine
+    width: int
+    height: int
+    crs: Any = None
+    name: str = field(default="raster", compare=False)
+
+    def __post_init__(self) -> None:
+        t = self.transform
+        if t.b != 0 or t.d != 0:
+            raise GeometryError(
+                f"{self.name}: rotated or skewed rasters are not supported "
+                f"(transform terms b={t.b}, d={t.d}); warp it to a north-up grid first"
+            )
+        if not t.a > 0 or not t.e < 0:
+            raise GeometryError(
+                f"{self.name}: raster is not north-up (pixel size x={t.a}, y={t.e}); "
+                "it needs a georeference with positive x and negative y spacing"
+            )
+        if self.width <= 0 or self.height <= 0:
+            raise GeometryError(f"{self.name}: empty raster ({self.width}×{self.height})")
+
+    @property
+    def x0(self) -> float:
+        """X of the outer left edge."""
+        return float(self.transform.c)
+
+    @property
+    def y0(self) -> float:
+        """Y of the outer top edge."""
+        return float(self.transform.f)
+
+    @property
+    def spacing(self) -> tuple[float, float]:
+        """Absolute pixel spacing ``(sx, sy)``."""
+        return (float(self.transform.a), float(-self.transform.e))
+
+    @property
+    def bounds(self) -> tuple[float, float, float, float]:
+        """``(left, bottom, right, top)``."""
+        sx, sy = self.spacing
+        return (self.x0, self.y0 - self.height * sy, self.x0 + self.width * sx, self.y0)
+
+    def axis(self, dim: int) -> Axis:
+        """Axis 0 (x, columns) or 1 (y, rows; coordinate ``-y``)."""
+        if dim == 0:
+            return Axis(self.x0, self.spacing[0], self.width)
+        return Axis(-self.y0, self.spacing[1], self.height)
+
+    def pixel_of(self, x: np.ndarray | float, y: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
+        """Return ``(col, row)`` of the pixel containing each point (may be outside the grid)."""
+        sx, sy = self.spacing
+        cols = floor_index((np.asarray(x, dtype=np.float64) - self.x0) / sx)
+        rows = floor_index((self.y0 - np.asarray(y, dtype=np.float64)) / sy)
+        return cols, rows
+
+    def subgrid(self, col_off: int, row_off: int, width: int, height: int) -> Grid:
+        """The grid of a pixel window of this grid (same spacing and CRS)."""
+        transform = self.transform * Affine.translation(col_off, row_off)
+        return Grid(transform, width, height, self.crs, self.name)
+
+
+def check_same_crs(grids: Sequence[Grid]) -> None:
+    """Raise :class:`CRSMismatchError` unless all grids share one CRS (or all have none)."""
+    first = grids[0]
+    for other in grids[1:]:
+        if (first.crs is None) != (other.crs is None) or (
+            first.crs is not None and first.crs != other.crs
+        ):
+            raise CRSMismatchError(
+                f"{other.name}: CRS {_crs_label(other.crs)} differs from {first.name} CRS "
+                f"{_crs_label(first.crs)}; reproject the rasters to one CRS"
+            )
+
+
+def _crs_label(crs: Any) -> str:
+    if crs is None:
+        return "(none)"
+    try:
+        epsg = crs.to_epsg()
+    except Exception:  # pragma: no cover - exotic CRS objects
+        epsg = None
+    return f"EPSG:{epsg}" if epsg else repr(crs.to_string())
+
+
+def extraction_factor(grids: Sequence[Grid]) -> int:
+    """Factor f of the extraction grid: coarsest spacing / source-1 spacing if integer, else 1."""
+    s0x, s0y = grids[0].spacing
+    coarse_x = max(g.spacing[0] for g in grids) / s0x
+    coarse_y = max(g.spacing[1] for g in grids) / s0y
+    if _is_integer(coarse_x) and _is_integer(coarse_y) and round(coarse_x) == round(coarse_y):
+        return max(1, round(coarse_x))
+    return 1
+
+
+@dataclass(frozen=True)
+class OutputGrid:
+    """The cells of G that serving computes.
+
+    Attributes
+    ----------
+    grid
+        Georeferenced output grid (spacing ``f · s_1``, CRS of source 1).
+    cell_origin
+        G cell index ``(k, l)`` of output pixel ``(0, 0)``.
+    """
+
+    grid: Grid
+    cell_origin: tuple[int, int]
+
+    @property
+    def width(self) -> int:
+        """Output width in pixels."""
+        return self.grid.width
+
+    @property
+    def height(self) -> int:
+        """Output height in pixels."""
+        return self.grid.height
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How N sources are sampled together on one grid G (DESIGN.md §2).
+
+    Parameters
+    ----------
+    grids
+        One grid per source; source 1 first.
+    fields
+        Receptive field (patch size) ``(rx, ry)`` per source, in its own pixels.
+    factor
+        G spacing in source-1 pixels (``spcscale`` when serving); a positive integer.
+    efield
+        Expression field ``(ex, ey)``: output pixels emitted per input window.
+    """
+
+    grids: tuple[Grid, ...]
+    fields: tuple[tuple[int, int], ...]
+    factor: int = 1
+    efield: tuple[int, int] = (1, 1)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "grids", tuple(self.grids))
+        object.__setattr__(self, "fields", tuple((int(a), int(b)) for a, b in self.fields))
+        if not self.grids:
+            raise InputError("at least one source is required")
+        if len(self.fields) != len(self.grids):
+            raise InputError(
+                f"{len(self.grids)} sources but {len(self.fields)} receptive fields given"
+            )
+        if isinstance(self.factor, bool) or not float(self.factor).is_integer() or self.factor < 1:
+            raise InputError(
+                f"output.spcscale: {self.factor!r} is not a positive integer "
+                "(terrapatch keeps the output grid on source-1 grid lines)"
+            )
+        object.__setattr__(self, "factor", int(self.factor))
+        for g, (rx, ry) in zip(self.grids, self.fields, strict=True):
+            if rx < 1 or ry < 1:
+                raise InputError(f"{g.name}: patch size / receptive field {rx}×{ry} must be ≥ 1")
+            if rx > g.width or ry > g.height:
+                raise InputError(
+                    f"{g.name}: patch size / receptive field {rx}×{ry} is larger than the "
+                    f"image ({g.width}×{g.height})"
+                )
+        ex, ey = self.efield
+        if ex < 1 or ey < 1:
+            raise InputError(f"output.efield: {ex}×{ey} must be ≥ 1")
+        check_same_crs(self.grids)
+
+    # ------------------------------------------------------------------ per axis
+
+    @cached_property
+    def offset(self) -> tuple[int, int]:
+        """Offset of G's lines from source-1 pixel 0, in source-1 pixels, per axis."""
+        return (self._snap_offset(0), self._snap_offset(1))
+
+    def _snap_offset(self, dim: int) -> int:
+        f = self.factor
+        ref = self.grids[0].axis(dim)
+        best, best_score = 0, -1
+        for o in range(f):
+            score = 0
+            for g in self.grids[1:]:
+                ax = g.axis(dim)
+                if not _is_integer(f * ref.spacing / ax.spacing):
+                    continue
+                if _is_integer((ref.origin + o * ref.spacing - ax.origin) / ax.spacing):
+                    score += 1
+            if score > best_score:
+                best, best_score = o, score
+        return best
+
+    def _centre(self, cells: np.ndarray, dim: int) -> np.ndarray:
+        """Window centre C, in source-1 index units, of blocks starting at G cell ``cells``."""
+        rf0 = self.fields[0][dim]
+        e = self.efield[dim]
+        ref = self.offset[dim] + self.factor * cells
+        return ref + 0.5 * (rf0 % 2) + 0.5 * (e - 1) * self.factor
+
+    def window_starts(self, cells: np.ndarray | int, dim: int, source: int) -> np.ndarray:
+        """First pixel (col for dim 0, row for dim 1) of ``source``'s window for each block.
+
+        ``cells`` are G cell indices of the first cell of each block (every cell when
+        the expression field is 1).
+        """
+        centre = self._centre(np.asarray(cells, dtype=np.int64), dim)
+        rf = self.fields[source][dim]
+        if source == 0:
+            return floor_index(centre - rf / 2 + 0.5)
+        ref = self.grids[0].axis(dim)
+        ax = self.grids[source].axis(dim)
+        world = ref.origin + centre * ref.spacing
+        return floor_index((world - ax.origin) / ax.spacing - rf / 2 + 0.5)
+
+    def cells_of_points(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """G cell ``(k, l)`` containing each point."""
+        ref = self.grids[0]
+        sx, sy = ref.spacing
+        ux = (np.asarray(x, dtype=np.float64) - ref.x0) / sx - self.offset[0]
+        uy = (ref.y0 - np.asarray(y, dtype=np.float64)) / sy - self.offset[1]
+        # floor(u / f) == floor(floor(u) / f) for integer f; snapping happens on u.
+        return (np.floor_divide(floor_index(ux), self.factor),
+                np.floor_divide(floor_index(uy), self.factor))
+
+    def cell_transform(self) -> Affine:
+        """Transform of G itself (cell ``(0, 0)`` at the top-left)."""
+        ref = self.grids[0]
+        sx, sy = ref.spacing
+        f = self.factor
+        return Affine(f * sx, 0.0, ref.x0 + self.offset[0] * sx,
+                      0.0, -f * sy, ref.y0 - self.offset[1] * sy)
+
+    # ------------------------------------------------------------------ extraction
+
+    def sample_windows(self, x: np.ndarray, y: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Window start ``(cols, rows)`` of every source for the cells containing the points."""
+        k, l_ = self.cells_of_points(x, y)
+        return [(self.window_starts(k, 0, i), self.window_starts(l_, 1, i))
+                for i in range(len(self.grids))]
+
+    def inside(self, source: int, cols: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Whether windows starting at ``(cols, rows)`` lie fully inside ``source``."""
+        g = self.grids[source]
+        rx, ry = self.fields[source]
+        return (cols >= 0) & (rows >= 0) & (cols + rx <= g.width) & (rows + ry <= g.height)
+
+    # ------------------------------------------------------------------ serving
+
+    def _valid_cells(self, dim: int) -> tuple[int, int]:
+        """First cell and number of cells of the output along ``dim`` (a multiple of e)."""
+        f = self.factor
+        e = self.efield[dim]
+        ref = self.grids[0].axis(dim)
+        lo = (-self.fields[0][dim] - self.offset[dim]) // f - e - 2
+        hi = (ref.size - self.offset[dim]) // f + 2
+        cells = np.arange(lo, hi + 1, dtype=np.int64)
+        ok = np.ones(cells.shape, dtype=bool)
+        for i, g in enumerate(self.grids):
+            starts = self.window_starts(cells, dim, i)
+            size = g.axis(dim).size
+            ok &= (starts >= 0) & (starts + self.fields[i][dim] <= size)
+        if not ok.any():
+            names = ", ".join(g.name for g in self.grids)
+            axis = "x" if dim == 0 else "y"
+            raise GeometryError(
+                f"no output pixel has its full receptive field inside every source along {axis} "
+                f"({names}): the sources do not overlap enough for the receptive fields "
+                f"{[fld[dim] for fld in self.fields]}"
+            )
+        valid = cells[ok]
+        first, last = int(valid[0]), int(valid[-1])
+        n_blocks = (last - first) // e + 1
+        return first, n_blocks * e
+
+    @cached_property
+    def output_grid(self) -> OutputGrid:
+        """The output grid: cells of G whose windows lie fully inside every source."""
+        k0, nx = self._valid_cells(0)
+        l0, ny = self._valid_cells(1)
+        g = self.cell_transform() * Affine.translation(k0, l0)
+        ref = self.grids[0]
+        return OutputGrid(Grid(g, nx, ny, ref.crs, "output"), (k0, l0))
+
+    def check_tile(self, col_off: int, row_off: int, width: int, height: int) -> None:
+        """Raise unless the tile is inside the output grid and aligned on the expression field."""
+        out = self.output_grid
+        ex, ey = self.efield
+        if (col_off < 0 or row_off < 0 or width < 1 or height < 1
+                or col_off + width > out.width or row_off + height > out.height):
+            raise GeometryError(
+                f"tile ({col_off}, {row_off}, {width}, {height}) is outside the output grid "
+                f"({out.width}×{out.height})"
+            )
+        if col_off % ex or row_off % ey or width % ex or height % ey:
+            raise GeometryError(
+                f"tile ({col_off}, {row_off}, {width}, {height}) is not aligned on the "
+                f"expression field {ex}×{ey}"
+            )
+
+    def tile_starts(
+        self, col_off: int, row_off: int, width: int, height: int, source: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Window starts ``(cols, rows)`` of ``source`` for every block of an output tile.
+
+        With an expression field of 1 there is one window per output pixel: ``cols`` has
+        ``width`` entries and ``rows`` ``height`` entries.
+        """
+        self.check_tile(col_off, row_off, width, height)
+        k0, l0 = self.output_grid.cell_origin
+        ex, ey = self.efield
+        ks = k0 + col_off + np.arange(0, width, ex, dtype=np.int64)
+        ls = l0 + row_off + np.arange(0, height, ey, dtype=np.int64)
+        return self.window_starts(ks, 0, source), self.window_starts(ls, 1, source)
+
+    def tile_regions(self, col_off: int, row_off: int, width: int, height: int) -> list[Window]:
+        """Input region of every source for an output tile: the union of its blocks' windows.
+
+        This is what fully-convolutional serving reads; patch-based serving reads the
+        same region and cuts one window per output pixel from it.
+        """
+        regions = []
+        for i in range(len(self.grids)):
+            cols, rows = self.tile_starts(col_off, row_off, width, height, i)
+            rx, ry = self.fields[i]
+            c0, r0 = int(cols[0]), int(rows[0])
+            regions.append(Window(c0, r0, int(cols[-1]) + rx - c0, int(rows[-1]) + ry - r0))
+        return regions
