@@ -1,0 +1,533 @@
+"""Training datasets from patches images: read, check, describe and feed them to ``tf.data``.
+
+:class:`PatchesImagesReader` reads the patches images of several sources (one list
+of files per source key, sample ``n`` at index ``n`` in every source) either fully
+into memory or lazily (streaming, bounded memory). :class:`DatasetFromPatchesImages`
+turns a reader into a ``tf.data.Dataset`` in which every epoch yields every sample
+exactly once, in a new random order, optionally preprocessed and split into the
+``(inputs, targets)`` dicts Keras expects. The patches-image layout itself is owned by
+:mod:`terrapatch.patches`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import rasterio
+from rasterio.windows import Window
+
+from terrapatch.errors import InputError
+from terrapatch.patches import PatchesInfo, read_patches, read_patches_info
+
+if TYPE_CHECKING:
+    import tensorflow as tf
+
+__all__ = ["DatasetFromPatchesImages", "PatchesImagesReader"]
+
+log = logging.getLogger(__name__)
+
+PathLike = str | os.PathLike[str]
+
+
+@dataclass(frozen=True)
+class _Block:
+    """Consecutive samples ``start … start+count-1`` of file number ``file_index``."""
+
+    file_index: int
+    start: int
+    count: int
+
+
+def _as_file_list(key: str, value: Any) -> list[PathLike]:
+    if isinstance(value, str | os.PathLike):
+        return [value]
+    if not isinstance(value, Sequence) or not value:
+        raise InputError(
+            f"filenames_dict[{key!r}]: expected a non-empty list of patches images, "
+            f"got {value!r}"
+        )
+    for item in value:
+        if not isinstance(item, str | os.PathLike):
+            raise InputError(f"filenames_dict[{key!r}]: {item!r} is not a file name")
+    return list(value)
+
+
+class _OpenFiles:
+    """Open datasets of every source file for one pass, closed together."""
+
+    def __init__(self, infos: Mapping[str, list[PatchesInfo]]) -> None:
+        self._infos = infos
+        self._handles: dict[str, list[Any]] = {}
+        try:
+            for key, infos_of_key in infos.items():
+                self._handles[key] = [rasterio.open(info.path) for info in infos_of_key]
+        except BaseException:
+            self.close()
+            raise
+
+    def read(self, key: str, block: _Block) -> np.ndarray:
+        """Read ``block`` of source ``key`` as ``(count, rows, cols, bands)``."""
+        info = self._infos[key][block.file_index]
+        psx, psy = info.patch_size_x, info.patch_size_y
+        data = self._handles[key][block.file_index].read(
+            window=Window(0, block.start * psy, psx, block.count * psy)
+        )
+        return data.reshape(info.bands, block.count, psy, psx).transpose(1, 2, 3, 0)
+
+    def close(self) -> None:
+        for handles in self._handles.values():
+            for handle in handles:
+                handle.close()
+        self._handles = {}
+
+    def __enter__(self) -> _OpenFiles:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class PatchesImagesReader:
+    """Read the patches images of several sources as aligned samples.
+
+    Parameters
+    ----------
+    filenames_dict
+        ``{source_key: [patches image, ...]}``. Every key lists the same number of
+        files; file ``i`` of every key holds the same number of patches (samples
+        ``n`` of every source belong together). A single file name is accepted in
+        place of a one-element list.
+    use_streaming
+        False: read every file into memory now. True: read patches lazily from disk
+        when asked (bounded memory).
+
+    Raises
+    ------
+    InputError
+        If the dict is empty, a key lists a different number of files or patches than
+        the others (the message lists the counts per key and file), a file is not a
+        patches image, or the files of one key differ in patch shape or pixel type.
+    MissingInputError
+        If a file does not exist.
+
+    Notes
+    -----
+    The patch size is read from each file's terrapatch metadata; files without it
+    (written by OTBTF) are read with OTBTF's square-patch assumption.
+    """
+
+    def __init__(self, filenames_dict: Mapping[str, Any], use_streaming: bool = False) -> None:
+        if not isinstance(filenames_dict, Mapping) or not filenames_dict:
+            raise InputError(
+                "filenames_dict: expected a non-empty dict {source_key: [files...]}, "
+                f"got {filenames_dict!r}"
+            )
+        files = {str(key): _as_file_list(str(key), value)
+                 for key, value in filenames_dict.items()}
+        n_files = {key: len(paths) for key, paths in files.items()}
+        if len(set(n_files.values())) > 1:
+            listing = ", ".join(f"{key}: {n}" for key, n in n_files.items())
+            raise InputError(
+                f"filenames_dict: every source must list the same number of patches "
+                f"images; got {listing}"
+            )
+        self.infos: dict[str, list[PatchesInfo]] = {
+            key: [read_patches_info(path, parameter=f"filenames_dict[{key!r}]")
+                  for path in paths]
+            for key, paths in files.items()
+        }
+        self._check_counts()
+        for key, infos in self.infos.items():
+            first = infos[0]
+            for info in infos[1:]:
+                if info.patch_shape != first.patch_shape or info.dtype != first.dtype:
+                    raise InputError(
+                        f"filenames_dict[{key!r}]: {os.fspath(info.path)!r} holds "
+                        f"{info.patch_shape} {info.dtype} patches but "
+                        f"{os.fspath(first.path)!r} holds {first.patch_shape} {first.dtype}"
+                    )
+        self.use_streaming = bool(use_streaming)
+        first_key = next(iter(self.infos))
+        self.file_sizes: list[int] = [info.n_patches for info in self.infos[first_key]]
+        self.size: int = int(sum(self.file_sizes))
+        self._file_starts = np.concatenate([[0], np.cumsum(self.file_sizes)]).astype(np.int64)
+        self.patch_shapes: dict[str, tuple[int, int, int]] = {
+            key: infos[0].patch_shape for key, infos in self.infos.items()
+        }
+        self.dtypes: dict[str, np.dtype] = {
+            key: infos[0].dtype for key, infos in self.infos.items()
+        }
+        self._arrays: dict[str, np.ndarray] | None = None
+        if not self.use_streaming:
+            self._arrays = {
+                key: np.concatenate([read_patches(info.path, info=info) for info in infos])
+                if len(infos) > 1 else read_patches(infos[0].path, info=infos[0])
+                for key, infos in self.infos.items()
+            }
+
+    def _check_counts(self) -> None:
+        counts = {key: [info.n_patches for info in infos] for key, infos in self.infos.items()}
+        reference = next(iter(counts.values()))
+        if all(c == reference for c in counts.values()):
+            if sum(reference) == 0:
+                raise InputError("filenames_dict: the patches images hold no patch")
+            return
+        parts = []
+        for key, infos in self.infos.items():
+            per_file = ", ".join(f"{os.fspath(i.path)}={i.n_patches}" for i in infos)
+            parts.append(f"{key}: {per_file} (total {sum(counts[key])})")
+        raise InputError(
+            "filenames_dict: every source must hold the same number of patches, file by "
+            "file; got " + "; ".join(parts)
+        )
+
+    @property
+    def keys(self) -> list[str]:
+        """Source keys, in the order of ``filenames_dict``."""
+        return list(self.infos)
+
+    def get_size(self) -> int:
+        """Return the number of samples."""
+        return self.size
+
+    def _locate(self, index: int) -> tuple[int, int]:
+        if isinstance(index, bool) or not 0 <= int(index) < self.size:
+            raise InputError(f"index: {index!r} outside [0, {self.size})")
+        file_index = int(np.searchsorted(self._file_starts, index, side="right") - 1)
+        return file_index, int(index - self._file_starts[file_index])
+
+    def get_sample(self, index: int) -> dict[str, np.ndarray]:
+        """Return sample ``index`` as ``{key: array (rows, cols, bands)}`` in the files' dtype."""
+        if self._arrays is not None:
+            self._locate(index)
+            return {key: array[int(index)] for key, array in self._arrays.items()}
+        file_index, offset = self._locate(index)
+        with _OpenFiles(self.infos) as files:
+            return {key: files.read(key, _Block(file_index, offset, 1))[0].copy()
+                    for key in self.keys}
+
+    def blocks(self, block_size: int) -> list[_Block]:
+        """Split the samples into runs of at most ``block_size`` consecutive samples.
+
+        Runs never span two files; each is read with one window read per source.
+        """
+        block_size = max(1, int(block_size))
+        return [
+            _Block(file_index, start, min(block_size, n - start))
+            for file_index, n in enumerate(self.file_sizes)
+            for start in range(0, n, block_size)
+        ]
+
+    def iter_blocks(self, blocks: Sequence[_Block]) -> Iterator[dict[str, np.ndarray]]:
+        """Yield the samples of each block, as ``{key: (count, rows, cols, bands)}``."""
+        if self._arrays is not None:
+            for block in blocks:
+                first = int(self._file_starts[block.file_index]) + block.start
+                yield {key: array[first:first + block.count]
+                       for key, array in self._arrays.items()}
+            return
+        with _OpenFiles(self.infos) as files:
+            for block in blocks:
+                yield {key: files.read(key, block) for key in self.keys}
+
+    def get_stats(self) -> dict[str, dict[str, np.ndarray]]:
+        """Return per-band statistics of every source over all samples and pixels.
+
+        Returns
+        -------
+        dict
+            ``{key: {"min": ..., "max": ..., "mean": ..., "std": ...}}``, each an array
+            with one value per band; ``std`` is the population standard deviation.
+            Accumulated in float64 (Chan's parallel update when streaming).
+        """
+        if self._arrays is not None:
+            return {key: _band_stats(array) for key, array in self._arrays.items()}
+        accumulators = {key: _StatsAccumulator(self.patch_shapes[key][2]) for key in self.keys}
+        for samples in self.iter_blocks(self.blocks(256)):
+            for key, array in samples.items():
+                accumulators[key].update(array)
+        return {key: acc.result() for key, acc in accumulators.items()}
+
+
+def _band_stats(array: np.ndarray) -> dict[str, np.ndarray]:
+    axes = (0, 1, 2)
+    return {
+        "min": array.min(axis=axes),
+        "max": array.max(axis=axes),
+        "mean": array.mean(axis=axes, dtype=np.float64),
+        "std": array.std(axis=axes, dtype=np.float64),
+    }
+
+
+class _StatsAccumulator:
+    """Per-band count, min, max, mean and sum of squared deviations (Chan et al.)."""
+
+    def __init__(self, bands: int) -> None:
+        self.count = 0
+        self.minimum: np.ndarray | None = None
+        self.maximum: np.ndarray | None = None
+        self.mean = np.zeros(bands, dtype=np.float64)
+        self.m2 = np.zeros(bands, dtype=np.float64)
+
+    def update(self, array: np.ndarray) -> None:
+        values = array.reshape(-1, array.shape[-1])
+        n = values.shape[0]
+        if n == 0:
+            return
+        block_min, block_max = values.min(axis=0), values.max(axis=0)
+        self.minimum = block_min if self.minimum is None else np.minimum(self.minimum, block_min)
+        self.maximum = block_max if self.maximum is None else np.maximum(self.maximum, block_max)
+        block_mean = values.mean(axis=0, dtype=np.float64)
+        block_m2 = ((values - block_mean) ** 2).sum(axis=0, dtype=np.float64)
+        total = self.count + n
+        delta = block_mean - self.mean
+        self.mean = self.mean + delta * (n / total)
+        self.m2 = self.m2 + block_m2 + delta**2 * (self.count * n / total)
+        self.count = total
+
+    def result(self) -> dict[str, np.ndarray]:
+        assert self.minimum is not None and self.maximum is not None
+        return {"min": self.minimum, "max": self.maximum, "mean": self.mean,
+                "std": np.sqrt(self.m2 / self.count)}
+
+
+class DatasetFromPatchesImages:
+    """A training dataset over patches images, fed to Keras through ``tf.data``.
+
+    Parameters
+    ----------
+    filenames_dict
+        ``{source_key: [patches image, ...]}`` (see :class:`PatchesImagesReader`).
+    use_streaming
+        Read patches lazily from disk (bounded memory) instead of loading every file.
+    buffer_length
+        Streaming only: number of samples held and shuffled together in memory.
+        Samples are read in runs of ``max(1, min(64, buffer_length // 8))``
+        consecutive patches, in a random order of runs, then shuffled within each
+        buffer; a larger buffer mixes better.
+
+    Attributes
+    ----------
+    reader : PatchesImagesReader
+        The underlying reader.
+    size : int
+        Number of samples.
+    output_shapes, output_types : dict
+        Per-key patch shape ``(rows, cols, bands)`` and ``tf.DType``.
+
+    Examples
+    --------
+    >>> ds = DatasetFromPatchesImages({"img": ["a_img.tif"], "labels": ["a_lab.tif"]})
+    >>> train = ds.get_tf_dataset(batch_size=8, targets_keys=["labels"])
+    """
+
+    def __init__(
+        self,
+        filenames_dict: Mapping[str, Any],
+        use_streaming: bool = False,
+        buffer_length: int = 128,
+    ) -> None:
+        if isinstance(buffer_length, bool) or int(buffer_length) != buffer_length \
+                or buffer_length <= 0:
+            raise InputError(f"buffer_length: {buffer_length!r} must be a positive integer")
+        self.reader = PatchesImagesReader(filenames_dict, use_streaming=use_streaming)
+        self.buffer_length = int(buffer_length)
+        self.size = self.reader.get_size()
+
+    @property
+    def output_shapes(self) -> dict[str, tuple[int, int, int]]:
+        """Per-key shape of one sample, ``(rows, cols, bands)``."""
+        return dict(self.reader.patch_shapes)
+
+    @property
+    def output_types(self) -> dict[str, Any]:
+        """Per-key ``tf.DType`` of the samples (the files' pixel types)."""
+        import tensorflow as tf
+
+        return {key: tf.dtypes.as_dtype(dtype) for key, dtype in self.reader.dtypes.items()}
+
+    def get_size(self) -> int:
+        """Return the number of samples."""
+        return self.size
+
+    def get_stats(self) -> dict[str, dict[str, np.ndarray]]:
+        """Return per-band min, max, mean and std of every source (see the reader)."""
+        return self.reader.get_stats()
+
+    # -- sample streams ---------------------------------------------------------------
+
+    def _block_size(self) -> int:
+        return max(1, min(64, self.buffer_length // 8))
+
+    def iter_chunks(
+        self, shuffle: bool = True, rng: np.random.Generator | None = None
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """Yield every sample once, in chunks ``{key: (k, rows, cols, bands)}``.
+
+        Parameters
+        ----------
+        shuffle
+            Random order (a uniform permutation in memory; runs of consecutive
+            samples shuffled by buffers when streaming) instead of file order.
+        rng
+            Random generator to draw the order from (default: a fresh unseeded one).
+        """
+        rng = rng if rng is not None else np.random.default_rng()
+        arrays = self.reader._arrays
+        if arrays is not None:
+            order = rng.permutation(self.size) if shuffle else np.arange(self.size)
+            step = max(self.buffer_length, 1024)
+            for first in range(0, self.size, step):
+                index = order[first:first + step]
+                yield {key: array[index] for key, array in arrays.items()}
+            return
+        blocks = self.reader.blocks(self._block_size())
+        if shuffle:
+            blocks = [blocks[i] for i in rng.permutation(len(blocks))]
+        pending: list[_Block] = []
+        held = 0
+        for position, block in enumerate(blocks):
+            pending.append(block)
+            held += block.count
+            if held < self.buffer_length and position < len(blocks) - 1:
+                continue
+            parts = list(self.reader.iter_blocks(pending))
+            chunk = {key: np.concatenate([p[key] for p in parts]) for key in self.reader.keys}
+            if shuffle:
+                perm = rng.permutation(held)
+                chunk = {key: array[perm] for key, array in chunk.items()}
+            yield chunk
+            pending, held = [], 0
+
+    def _samples_tf_dataset(self, shuffle: bool, seed: int | None) -> tf.data.Dataset:
+        import tensorflow as tf
+
+        arrays = self.reader._arrays
+        if arrays is not None:
+            tensors = {key: tf.constant(array) for key, array in arrays.items()}
+            ds = tf.data.Dataset.range(self.size)
+            if shuffle:
+                ds = ds.shuffle(self.size, seed=seed, reshuffle_each_iteration=True)
+            return ds.map(lambda i: {key: tf.gather(t, i) for key, t in tensors.items()},
+                          num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        rng = np.random.default_rng(seed)
+        signature = {
+            key: tf.TensorSpec((None, *shape), tf.dtypes.as_dtype(self.reader.dtypes[key]))
+            for key, shape in self.reader.patch_shapes.items()
+        }
+        ds = tf.data.Dataset.from_generator(
+            lambda: self.iter_chunks(shuffle=shuffle, rng=rng), output_signature=signature
+        )
+        return ds.prefetch(2).unbatch()
+
+    def get_tf_dataset(
+        self,
+        batch_size: int,
+        preprocessing_fn: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+        targets_keys: Sequence[str] | None = None,
+        drop_remainder: bool = True,
+        shuffle: bool = True,
+        seed: int | None = None,
+    ) -> tf.data.Dataset:
+        """Return a batched ``tf.data.Dataset``; every epoch sees every sample once.
+
+        Parameters
+        ----------
+        batch_size
+            Samples per batch.
+        preprocessing_fn
+            Function mapping one sample dict ``{key: tensor (rows, cols, bands)}`` to a
+            new dict (e.g. one-hot targets). It runs in ``tf.data`` (TensorFlow ops).
+            Normalisation belongs in the model (:meth:`ModelBase.normalize_inputs`),
+            so that serving applies it too.
+        targets_keys
+            Keys that are targets: elements become ``(inputs, targets)`` tuples of
+            dicts, as ``keras.Model.fit`` expects. None (or empty): plain dicts.
+        drop_remainder
+            Drop the last, incomplete batch.
+        shuffle
+            New random order at every epoch (iteration); False: file order.
+        seed
+            Seed of the random orders (the sequence of epochs is then reproducible).
+
+        Raises
+        ------
+        InputError
+            On a bad ``batch_size``, a ``preprocessing_fn`` that does not return a dict,
+            or ``targets_keys`` absent from the (preprocessed) samples or covering them
+            all.
+        """
+        import tensorflow as tf
+
+        if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size <= 0:
+            raise InputError(f"batch_size: {batch_size!r} must be a positive integer")
+        batch_size = int(batch_size)
+        if drop_remainder and batch_size > self.size:
+            raise InputError(
+                f"batch_size: {batch_size} is larger than the {self.size} samples and "
+                "drop_remainder=True: the dataset would be empty"
+            )
+        ds = self._samples_tf_dataset(shuffle=shuffle, seed=seed)
+        if preprocessing_fn is not None:
+            ds = ds.map(preprocessing_fn, num_parallel_calls=tf.data.AUTOTUNE,
+                        deterministic=True)
+            if not isinstance(ds.element_spec, Mapping):
+                raise InputError(
+                    f"preprocessing_fn: {_callable_name(preprocessing_fn)} must return a "
+                    f"dict of tensors, returned {ds.element_spec!r}"
+                )
+        if targets_keys:
+            ds = ds.map(_splitter(ds.element_spec, list(targets_keys), preprocessing_fn),
+                        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
+
+    def to_tfrecords(
+        self, output_dir: PathLike, n_samples_per_shard: int = 100, drop_remainder: bool = True
+    ) -> Path:
+        """Write the samples, in a random order, as TFRecords shards in ``output_dir``.
+
+        See :meth:`terrapatch.tfrecords.TFRecords.ds2tfrecord`.
+        """
+        from terrapatch.tfrecords import TFRecords
+
+        records = TFRecords(output_dir)
+        records.ds2tfrecord(self, n_samples_per_shard=n_samples_per_shard,
+                            drop_remainder=drop_remainder)
+        return records.path
+
+
+def _callable_name(fn: Callable[..., Any]) -> str:
+    return getattr(fn, "__qualname__", None) or repr(fn)
+
+
+def _splitter(
+    element_spec: Mapping[str, Any],
+    targets_keys: list[str],
+    preprocessing_fn: Callable[..., Any] | None,
+) -> Callable[[dict[str, Any]], tuple[dict[str, Any], dict[str, Any]]]:
+    """Return a function splitting a sample dict into ``(inputs, targets)``; check keys."""
+    keys = list(element_spec)
+    missing = [key for key in targets_keys if key not in element_spec]
+    origin = (f"the output of preprocessing_fn {_callable_name(preprocessing_fn)}"
+              if preprocessing_fn is not None else "the dataset")
+    if missing:
+        raise InputError(
+            f"targets_keys: {missing} not among the keys of {origin}: {keys}"
+        )
+    inputs_keys = [key for key in keys if key not in targets_keys]
+    if not inputs_keys:
+        raise InputError(
+            f"targets_keys: {targets_keys} covers every key of {origin}; no input is left"
+        )
+
+    def split(sample: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        return ({key: sample[key] for key in inputs_keys},
+                {key: sample[key] for key in targets_keys})
+
+    return split

@@ -1,0 +1,308 @@
+"""PatchesExtraction: cut one patch per sample from each of N sources and write patches images.
+
+For every labelled point, each source's window comes from the geometry module
+(:class:`~terrapatch.geometry.Layout`): the windows of one sample cover the same
+ground in every source (DESIGN.md §2). A sample is kept only if its window lies
+inside every source and, for sources with a nodata value, contains no pixel
+equal to it in any band. Kept samples are written in feature order, at the same
+index in every patches image and in the labels image.
+
+Reading is block-aware: samples are grouped by 512 × 512-pixel chunks of each
+source and a dense group is served by one read of its bounding box, instead of
+one small read per sample.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from rasterio.windows import Window
+
+from terrapatch.errors import InputError, NoSamplesError
+from terrapatch.geometry import Layout, extraction_factor
+from terrapatch.patches import write_patches_image
+from terrapatch.progress import logger, progress_bar
+from terrapatch.raster import Source, SourceReader, patches_from_region
+from terrapatch.vector import PointSet, read_points, write_points
+from terrapatch.writer import check_writable, pixel_dtype
+
+PathLike = str | os.PathLike[str]
+
+#: Side, in source pixels, of the chunks samples are grouped by for reading.
+CHUNK = 512
+#: A group is read as one region when its bounding box is at most this many times the
+#: total area of its patches (or smaller than ``MIN_REGION`` pixels).
+REGION_OVERREAD = 8
+MIN_REGION = 65536
+#: Above this many bytes, candidate patches are buffered in a memory-mapped temp file.
+MEMMAP_BYTES = 512 * 2**20
+#: Patches written per chunk.
+WRITE_CHUNK = 4096
+
+
+@dataclass(frozen=True)
+class ExtractionSummary:
+    """What an extraction did.
+
+    Attributes
+    ----------
+    n_features
+        Features carrying the label field.
+    n_skipped
+        Features skipped because they lack the field.
+    n_collected
+        Samples kept and written.
+    n_rejected_outside
+        Samples whose window leaves at least one source.
+    rejected_outside
+        Per source name, samples whose window leaves that source.
+    rejected_nodata
+        Per source name, samples (inside every source) whose patch holds nodata there.
+    factor
+        Factor of the sampling grid G (in source-1 pixels).
+    outputs
+        Output key → written path.
+    """
+
+    n_features: int
+    n_skipped: int
+    n_collected: int
+    n_rejected_outside: int
+    rejected_outside: dict[str, int]
+    rejected_nodata: dict[str, int]
+    factor: int
+    outputs: dict[str, Path] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        outside = ", ".join(f"{k}: {v}" for k, v in self.rejected_outside.items())
+        nodata = ", ".join(f"{k}: {v}" for k, v in self.rejected_nodata.items())
+        return (f"{self.n_collected} samples collected of {self.n_features} "
+                f"({self.n_rejected_outside} outside [{outside}]; nodata [{nodata}]; "
+                f"{self.n_skipped} features without the field skipped)")
+
+
+def _group_order(cols: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Order samples by 512-pixel chunk; return (order, start offsets of each group)."""
+    keys = (rows // CHUNK) * (int(cols.max(initial=0)) // CHUNK + 1) + cols // CHUNK
+    order = np.argsort(keys, kind="stable")
+    sorted_keys = keys[order]
+    bounds = np.flatnonzero(np.diff(sorted_keys)) + 1
+    return order, np.concatenate([[0], bounds, [len(order)]])
+
+
+def _read_group(reader: SourceReader, cols: np.ndarray, rows: np.ndarray,
+                size: tuple[int, int]) -> np.ndarray:
+    """Patches ``(n, ry, rx, bands)`` at the given window starts, reading as few times as sane."""
+    rx, ry = size
+    c0, r0 = int(cols.min()), int(rows.min())
+    width, height = int(cols.max()) + rx - c0, int(rows.max()) + ry - r0
+    if width * height <= max(REGION_OVERREAD * len(cols) * rx * ry, MIN_REGION):
+        region = reader.read(Window(c0, r0, width, height))
+        return patches_from_region(region, cols - c0, rows - r0, size)
+    out = np.empty((len(cols), ry, rx, reader.bands), dtype=reader.dtype)
+    for n, (c, r) in enumerate(zip(cols, rows, strict=True)):
+        out[n] = reader.read(Window(int(c), int(r), rx, ry)).transpose(1, 2, 0)
+    return out
+
+
+def _buffer(shape: tuple[int, ...], dtype: np.dtype, tmpdir: str) -> np.ndarray:
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if nbytes <= MEMMAP_BYTES:
+        return np.empty(shape, dtype=dtype)
+    path = Path(tmpdir) / f"patches-{len(os.listdir(tmpdir))}.npy"
+    return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+
+
+def _chunks(buffer: np.ndarray, positions: np.ndarray) -> Iterator[np.ndarray]:
+    for a in range(0, len(positions), WRITE_CHUNK):
+        yield np.asarray(buffer[positions[a:a + WRITE_CHUNK]])
+
+
+def extract_patches(
+    sources: Sequence[Source],
+    vector: PathLike | PointSet,
+    field: str,
+    outputs: Sequence[PathLike | None],
+    labels_out: PathLike | None = None,
+    points_out: PathLike | None = None,
+    *,
+    pixel_types: Sequence[str | None] | str | None = None,
+    labels_pixel_type: str | None = None,
+    creation_options: Mapping[str, str] | None = None,
+    factor: int | None = None,
+    reproject: bool = False,
+    quiet: bool = False,
+) -> ExtractionSummary:
+    """Extract one patch per sample from each source and write OTBTF patches images.
+
+    Parameters
+    ----------
+    sources
+        The sources, source 1 first, each with its ``patch_size`` (and ``nodata``).
+    vector
+        Vector file of sample points (every layer is read), or a :class:`PointSet`.
+    field
+        Integer label field; features without it are skipped.
+    outputs
+        One patches-image path per source (None: that source is checked but not written).
+    labels_out
+        Optional labels image (1 × N, default uint8).
+    points_out
+        Optional vector file of the kept points, with fields ``field``, ``patch`` (the
+        patch index) and ``feature`` (the index among features carrying the field).
+    pixel_types
+        Pixel type per output (or one for all); default float32.
+    labels_pixel_type
+        Pixel type of the labels image; default uint8 (values clamped, OTB-style).
+    creation_options
+        GDAL creation options for every raster output.
+    factor
+        Factor of the sampling grid G in source-1 pixels; default: coarsest spacing /
+        source-1 spacing when that is an integer, else 1 (DESIGN.md §2).
+    reproject
+        Reproject the points to source 1's CRS instead of failing on a CRS mismatch.
+    quiet
+        No progress bar.
+
+    Returns
+    -------
+    ExtractionSummary
+        Counts and written paths.
+    """
+    sources = list(sources)
+    outputs = list(outputs)
+    if len(outputs) != len(sources):
+        raise InputError(f"outputs: {len(outputs)} paths given for {len(sources)} sources")
+    if isinstance(pixel_types, str) or pixel_types is None:
+        pixel_types = [pixel_types] * len(sources)
+    out_dtypes = [pixel_dtype(pt, "float32", f"{s.name}.out")
+                  for s, pt in zip(sources, pixel_types, strict=True)]
+    labels_dtype = pixel_dtype(labels_pixel_type, "uint8", "outlabels")
+    for s, out in zip(sources, outputs, strict=True):
+        if s.patch_size is None:
+            raise InputError(f"{s.name}.patchsizex: missing patch size for {s.name}")
+        if out is not None:
+            check_writable(out, f"{s.name}.out")
+    if labels_out is not None:
+        check_writable(labels_out, "outlabels")
+    if points_out is not None:
+        check_writable(points_out, "outpoints")
+
+    grids = [s.grid for s in sources]
+    layout = Layout(tuple(grids), tuple(s.patch_size for s in sources),  # type: ignore[misc]
+                    factor=factor if factor is not None else extraction_factor(grids))
+    points = vector if isinstance(vector, PointSet) else read_points(
+        vector, field, crs=grids[0].crs, reproject=reproject)
+    n = len(points)
+    if n == 0:
+        raise NoSamplesError(
+            f"vec: no point feature carries the field {field!r} "
+            f"({points.n_skipped} features without it)"
+        )
+    starts = layout.sample_windows(points.x, points.y)
+    inside_each = [layout.inside(i, c, r) for i, (c, r) in enumerate(starts)]
+    inside = np.logical_and.reduce(inside_each)
+    rejected_outside = {s.name: int((~m).sum()) for s, m in zip(sources, inside_each, strict=True)}
+    candidates = np.flatnonzero(inside)
+    if len(candidates) == 0:
+        detail = ", ".join(f"{k} rejects {v}" for k, v in rejected_outside.items())
+        raise NoSamplesError(
+            f"vec: every one of the {n} samples has its patch outside a source ({detail}); "
+            "check that the points fall inside the images and share their CRS"
+        )
+
+    ok = np.ones(len(candidates), dtype=bool)
+    rejected_nodata: dict[str, int] = {}
+    summary_outputs: dict[str, Path] = {}
+    with tempfile.TemporaryDirectory(prefix="terrapatch-extract-") as tmpdir:
+        buffers: list[np.ndarray | None] = []
+        orders = []
+        for (cols, rows) in starts:
+            orders.append(_group_order(cols[candidates], rows[candidates]))
+        total_groups = sum(len(b) - 1 for _, b in orders)
+        with progress_bar(total_groups, "extracting", unit="chunk", quiet=quiet) as bar:
+            for i, source in enumerate(sources):
+                cols, rows = starts[i][0][candidates], starts[i][1][candidates]
+                rx, ry = source.patch_size  # type: ignore[misc]
+                keep_patches = outputs[i] is not None
+                buf = _buffer((len(candidates), ry, rx, source.bands), source.dtype, tmpdir) \
+                    if keep_patches else None
+                has_nodata = np.zeros(len(candidates), dtype=bool)
+                order, bounds = orders[i]
+                with source.open() as reader:
+                    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+                        idx = order[a:b]
+                        if source.nodata is None and not keep_patches:
+                            bar.update(1)
+                            continue
+                        patches = _read_group(reader, cols[idx], rows[idx], (rx, ry))
+                        if buf is not None:
+                            buf[idx] = patches
+                        if source.nodata is not None:
+                            has_nodata[idx] = _contains(patches, source.nodata)
+                        bar.update(1)
+                rejected_nodata[source.name] = int((has_nodata & ok).sum())
+                ok &= ~has_nodata
+                buffers.append(buf)
+        positions = np.flatnonzero(ok)
+        kept = candidates[positions]
+        if len(kept) == 0:
+            detail = ", ".join(f"{k} rejects {v}" for k, v in rejected_nodata.items() if v)
+            raise NoSamplesError(
+                f"vec: every sample inside the images has nodata in its patch ({detail}); "
+                "check the sourceK.nodata values"
+            )
+        for i, source in enumerate(sources):
+            buf = buffers[i]
+            if outputs[i] is None or buf is None:
+                continue
+            rx, ry = source.patch_size  # type: ignore[misc]
+            summary_outputs[f"{source.name}.out"] = write_patches_image(
+                outputs[i], _chunks(buf, positions), n_patches=len(kept),  # type: ignore[arg-type]
+                patch_size_x=rx, patch_size_y=ry, bands=source.bands, dtype=out_dtypes[i],
+                spacing=source.grid.spacing, creation_options=creation_options,
+                parameter=f"{source.name}.out",
+            )
+    labels = points.labels[kept]
+    if labels_out is not None:
+        summary_outputs["outlabels"] = write_patches_image(
+            labels_out, [labels.reshape(-1, 1, 1, 1)], n_patches=len(kept),
+            patch_size_x=1, patch_size_y=1, bands=1, dtype=labels_dtype,
+            creation_options=creation_options, parameter="outlabels",
+        )
+    if points_out is not None:
+        summary_outputs["outpoints"] = write_points(
+            points_out, points.x[kept], points.y[kept],
+            {field: labels, "patch": np.arange(len(kept), dtype=np.int64),
+             "feature": kept.astype(np.int64)},
+            crs=grids[0].crs, parameter="outpoints",
+        )
+    summary = ExtractionSummary(
+        n_features=n, n_skipped=points.n_skipped, n_collected=len(kept),
+        n_rejected_outside=int((~inside).sum()), rejected_outside=rejected_outside,
+        rejected_nodata=rejected_nodata, factor=layout.factor, outputs=summary_outputs,
+    )
+    logger.info("PatchesExtraction: %s", summary)
+    return summary
+
+
+def _contains(patches: np.ndarray, nodata: float) -> np.ndarray:
+    """Per patch: whether any value of any band equals ``nodata`` (float32 comparison)."""
+    value = np.float32(nodata)
+    if np.isnan(value):
+        return np.zeros(patches.shape[0], dtype=bool)
+    if patches.dtype.kind in "iu":
+        if not float(value).is_integer():
+            return np.zeros(patches.shape[0], dtype=bool)
+        info = np.iinfo(patches.dtype)
+        if not info.min <= value <= info.max:
+            return np.zeros(patches.shape[0], dtype=bool)
+        hits = patches == patches.dtype.type(value)
+    else:
+        hits = patches.astype(np.float32, copy=False) == value
+    return hits.reshape(hits.shape[0], -1).any(axis=1)

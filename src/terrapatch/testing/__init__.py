@@ -1,0 +1,12 @@
+"""Helpers for users' tests and ours: synthetic scenes, raster fixtures, hypothesis strategies.
+
+Heavy helpers (Keras model builders in :mod:`terrapatch.testing.models`) are
+imported on first use.
+"""
+
+from __future__ import annotations
+
+from terrapatch.testing.rasters import coordinate_raster, write_raster
+from terrapatch.testing.scene import CLASSES, Scene, make_scene
+
+__all__ = ["CLASSES", "Scene", "coordinate_raster", "make_scene", "write_raster"]
