@@ -16,10 +16,10 @@ from collections.abc import Callable, Sequence
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from terrapatch.apps import REGISTRY, get_app  # noqa: E402
-from terrapatch.apps._base import sources_from_env  # noqa: E402
-from terrapatch.errors import TerrapatchError  # noqa: E402
-from terrapatch.progress import configure_logging  # noqa: E402
+from terrapatch.apps import REGISTRY, get_app
+from terrapatch.apps._base import sources_from_env
+from terrapatch.errors import TerrapatchError
+from terrapatch.progress import configure_logging
 
 #: terrapatch's own commands → "module:function" taking argv and returning an exit code.
 COMMANDS: dict[str, str] = {
@@ -51,7 +51,9 @@ def run_app(name: str, argv: Sequence[str], quiet: bool) -> int:
         print(cls.help_text(n))
         return 0
     values, pixel_types = cls.parse_argv(argv)
-    cls(values, quiet=quiet, pixel_types=pixel_types).execute()
+    app = cls(values, quiet=quiet, pixel_types=pixel_types)
+    if not app.executed:
+        app.execute()
     return 0
 
 

@@ -14,6 +14,7 @@ one small read per sample.
 
 from __future__ import annotations
 
+import itertools
 import os
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -235,7 +236,7 @@ def extract_patches(
                 has_nodata = np.zeros(len(candidates), dtype=bool)
                 order, bounds = orders[i]
                 with source.open() as reader:
-                    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+                    for a, b in itertools.pairwise(bounds):
                         idx = order[a:b]
                         if source.nodata is None and not keep_patches:
                             bar.update(1)

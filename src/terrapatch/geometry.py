@@ -16,9 +16,11 @@ by ``offset`` source-1 pixels so that, wherever the other sources' grids nest,
 G's lines are also theirs. A *cell* of G is one output pixel when serving and
 one sample when extracting.
 
-A cell's *reference pixel* is the top-left source-1 pixel inside it. Source 1's
-window starts at ``ref - rf_1 // 2`` (OTBTF's rule); its physical centre is C.
-Every other source takes the ``rf_i``-pixel window centred on C::
+A cell's window centre C is its top-left corner when source 1's receptive field
+spans an even number of cells (``(rf_1 // f) % 2 == 0``), else its centre.
+Source 1's window is the ``rf_1``-pixel window centred on C: with ``f = 1`` it
+starts at ``ref - rf_1 // 2`` (OTBTF's rule, ``ref`` the cell's pixel). Every
+other source takes the ``rf_i``-pixel window centred on C::
 
     start_i = floor((C - L_i) / s_i - rf_i / 2 + 0.5)
 
@@ -139,7 +141,9 @@ class Grid:
             return Axis(self.x0, self.spacing[0], self.width)
         return Axis(-self.y0, self.spacing[1], self.height)
 
-    def pixel_of(self, x: np.ndarray | float, y: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
+    def pixel_of(
+        self, x: np.ndarray | float, y: np.ndarray | float
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Return ``(col, row)`` of the pixel containing each point (may be outside the grid)."""
         sx, sy = self.spacing
         cols = floor_index((np.asarray(x, dtype=np.float64) - self.x0) / sx)
@@ -148,7 +152,7 @@ class Grid:
 
     def subgrid(self, col_off: int, row_off: int, width: int, height: int) -> Grid:
         """The grid of a pixel window of this grid (same spacing and CRS)."""
-        transform = self.transform * Affine.translation(col_off, row_off)
+        transform = self.transform @ Affine.translation(col_off, row_off)
         return Grid(transform, width, height, self.crs, self.name)
 
 
@@ -284,11 +288,18 @@ class Layout:
         return best
 
     def _centre(self, cells: np.ndarray, dim: int) -> np.ndarray:
-        """Window centre C, in source-1 index units, of blocks starting at G cell ``cells``."""
+        """Window centre C, in source-1 index units, of blocks starting at G cell ``cells``.
+
+        For one cell, C is the cell's top-left corner when source 1's receptive field
+        spans an even number of cells (``rf_1 // f``), else the cell's centre; with
+        ``f = 1`` this is OTBTF's window ``[ref - rf_1 // 2, ref - rf_1 // 2 + rf_1)``.
+        A block of ``e`` cells is centred on the mean of its cells' centres.
+        """
         rf0 = self.fields[0][dim]
         e = self.efield[dim]
-        ref = self.offset[dim] + self.factor * cells
-        return ref + 0.5 * (rf0 % 2) + 0.5 * (e - 1) * self.factor
+        f = self.factor
+        ref = self.offset[dim] + f * cells
+        return ref + 0.5 * f * ((rf0 // f) % 2) + 0.5 * (e - 1) * f
 
     def window_starts(self, cells: np.ndarray | int, dim: int, source: int) -> np.ndarray:
         """First pixel (col for dim 0, row for dim 1) of ``source``'s window for each block.
@@ -370,7 +381,7 @@ class Layout:
         """The output grid: cells of G whose windows lie fully inside every source."""
         k0, nx = self._valid_cells(0)
         l0, ny = self._valid_cells(1)
-        g = self.cell_transform() * Affine.translation(k0, l0)
+        g = self.cell_transform() @ Affine.translation(k0, l0)
         ref = self.grids[0]
         return OutputGrid(Grid(g, nx, ny, ref.crs, "output"), (k0, l0))
 

@@ -22,7 +22,7 @@ import keras
 
 from terrapatch.errors import InputError, MissingInputError, ModelError
 
-__all__ = ["DEFAULT_INFERENCE_CROPPING", "ModelBase", "cropped_tensor_name", "load_model"]
+__all__ = ["DEFAULT_INFERENCE_CROPPING", "FunctionalModel", "ModelBase", "cropped_tensor_name", "load_model"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,35 @@ def _inputs_spec(dataset_element_spec: Any) -> Mapping[str, Any]:
             f"{type(dataset_element_spec).__name__}"
         )
     return spec
+
+
+@keras.saving.register_keras_serializable(package="terrapatch")
+class FunctionalModel(keras.Model):
+    """Functional Keras model whose extra outputs need no targets.
+
+    Keras 3 requires a target for every output of a multi-output model as soon as
+    metrics are compiled, even when ``metrics`` names only some outputs. Training a
+    :class:`ModelBase` model on ``(inputs, {target: ...})`` therefore computes the loss
+    and metrics on the outputs that have a target, and ignores the others (class
+    ids, features, cropped copies). Built like ``keras.Model(inputs=..., outputs=...)``.
+    """
+
+    @staticmethod
+    def _outputs_with_targets(y: Any, y_pred: Any) -> Any:
+        if isinstance(y, Mapping) and isinstance(y_pred, Mapping) and set(y) < set(y_pred):
+            return {key: value for key, value in y_pred.items() if key in y}
+        return y_pred
+
+    def compute_loss(self, x: Any = None, y: Any = None, y_pred: Any = None,
+                     sample_weight: Any = None, training: bool = True) -> Any:
+        """Compute the compiled loss on the outputs that have a target."""
+        return super().compute_loss(x=x, y=y, y_pred=self._outputs_with_targets(y, y_pred),
+                                    sample_weight=sample_weight, training=training)
+
+    def compute_metrics(self, x: Any, y: Any, y_pred: Any, sample_weight: Any = None) -> Any:
+        """Update the compiled metrics on the outputs that have a target."""
+        return super().compute_metrics(x, y, self._outputs_with_targets(y, y_pred),
+                                       sample_weight)
 
 
 class ModelBase(abc.ABC):
@@ -205,7 +234,7 @@ class ModelBase(abc.ABC):
             raise ModelError(f"postprocess_outputs: keys {clash} already used by get_outputs")
         all_outputs = {**outputs, **extra}
         self._output_keys = list(all_outputs)
-        return keras.Model(inputs=inputs, outputs=all_outputs, name=type(self).__name__)
+        return FunctionalModel(inputs=inputs, outputs=all_outputs, name=type(self).__name__)
 
     # -- conveniences -----------------------------------------------------------------
 

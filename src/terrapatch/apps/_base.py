@@ -192,6 +192,7 @@ class App:
             normalize_key(k): str(v) for k, v in (pixel_types or {}).items()}
         self.quiet = quiet
         self.result: Any = None
+        self.executed = False
         given: dict[str, Any] = {}
         for mapping in args:
             if not isinstance(mapping, Mapping):
@@ -322,6 +323,7 @@ class App:
         """Validate the parameters and run the application."""
         self._check()
         self.result = self.run()
+        self.executed = True
         return self.result
 
     def run(self) -> Any:  # pragma: no cover - abstract

@@ -184,7 +184,7 @@ def make_scene(
     px, py, cls = px[inside], py[inside], cls[inside].astype(np.int64)
     x = x0 + px * 10.0
     y = y0 - py * 10.0
-    n_train = int(round(0.8 * len(x)))
+    n_train = round(0.8 * len(x))
     train = out / "points_train.geojson"
     valid = out / "points_valid.geojson"
     write_points(train, x[:n_train], y[:n_train], {"class": cls[:n_train]}, crs=crs)
