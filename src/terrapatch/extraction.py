@@ -17,7 +17,9 @@ from __future__ import annotations
 import itertools
 import os
 import tempfile
+import threading
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +46,8 @@ MIN_REGION = 65536
 MEMMAP_BYTES = 512 * 2**20
 #: Patches written per chunk.
 WRITE_CHUNK = 4096
+#: Threads reading chunks in parallel (GDAL decodes outside the GIL).
+READ_THREADS = 4
 
 
 @dataclass(frozen=True)
@@ -117,6 +121,64 @@ def _buffer(shape: tuple[int, ...], dtype: np.dtype, tmpdir: str) -> np.ndarray:
         return np.empty(shape, dtype=dtype)
     path = Path(tmpdir) / f"patches-{len(os.listdir(tmpdir))}.npy"
     return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+
+
+def _read_patches(
+    sources: Sequence[Source],
+    starts: Sequence[tuple[np.ndarray, np.ndarray]],
+    keep: Sequence[bool],
+    tmpdir: str,
+    quiet: bool,
+) -> tuple[list[np.ndarray | None], list[np.ndarray]]:
+    """Read every candidate's patch in every source, chunk by chunk, on a few threads.
+
+    Returns the patch buffers (None where the patches are not kept) and, per source,
+    which candidates hold nodata.
+    """
+    buffers: list[np.ndarray | None] = []
+    nodata_hits: list[np.ndarray] = []
+    tasks: list[tuple[int, np.ndarray]] = []
+    for i, source in enumerate(sources):
+        cols, rows = starts[i]
+        rx, ry = source.patch_size  # type: ignore[misc]
+        buffers.append(_buffer((len(cols), ry, rx, source.bands), source.dtype, tmpdir)
+                       if keep[i] else None)
+        nodata_hits.append(np.zeros(len(cols), dtype=bool))
+        if source.nodata is None and not keep[i]:
+            continue  # nothing to read: the geometry alone decides for this source
+        order, bounds = _group_order(cols, rows)
+        tasks.extend((i, order[a:b]) for a, b in itertools.pairwise(bounds))
+
+    local = threading.local()
+
+    def run(task: tuple[int, np.ndarray]) -> None:
+        i, idx = task
+        readers = getattr(local, "readers", None)
+        if readers is None:
+            readers = local.readers = {}
+            opened.append(readers)
+        if i not in readers:
+            readers[i] = sources[i].open()
+        patches = _read_group(readers[i], starts[i][0][idx], starts[i][1][idx],
+                              sources[i].patch_size)  # type: ignore[arg-type]
+        buf = buffers[i]
+        if buf is not None:
+            buf[idx] = patches
+        if sources[i].nodata is not None:
+            nodata_hits[i][idx] = _contains(patches, sources[i].nodata)
+
+    opened: list[dict[int, SourceReader]] = []
+    workers = max(1, min(READ_THREADS, os.cpu_count() or 1, len(tasks)))
+    try:
+        with progress_bar(len(tasks), "extracting", unit="chunk", quiet=quiet) as bar, \
+                ThreadPoolExecutor(workers) as pool:
+            for _ in pool.map(run, tasks):
+                bar.update(1)
+    finally:
+        for readers in opened:
+            for reader in readers.values():
+                reader.close()
+    return buffers, nodata_hits
 
 
 def _chunks(buffer: np.ndarray, positions: np.ndarray) -> Iterator[np.ndarray]:
@@ -221,35 +283,12 @@ def extract_patches(
     rejected_nodata: dict[str, int] = {}
     summary_outputs: dict[str, Path] = {}
     with tempfile.TemporaryDirectory(prefix="terrapatch-extract-") as tmpdir:
-        buffers: list[np.ndarray | None] = []
-        orders = []
-        for (cols, rows) in starts:
-            orders.append(_group_order(cols[candidates], rows[candidates]))
-        total_groups = sum(len(b) - 1 for _, b in orders)
-        with progress_bar(total_groups, "extracting", unit="chunk", quiet=quiet) as bar:
-            for i, source in enumerate(sources):
-                cols, rows = starts[i][0][candidates], starts[i][1][candidates]
-                rx, ry = source.patch_size  # type: ignore[misc]
-                keep_patches = outputs[i] is not None
-                buf = _buffer((len(candidates), ry, rx, source.bands), source.dtype, tmpdir) \
-                    if keep_patches else None
-                has_nodata = np.zeros(len(candidates), dtype=bool)
-                order, bounds = orders[i]
-                with source.open() as reader:
-                    for a, b in itertools.pairwise(bounds):
-                        idx = order[a:b]
-                        if source.nodata is None and not keep_patches:
-                            bar.update(1)
-                            continue
-                        patches = _read_group(reader, cols[idx], rows[idx], (rx, ry))
-                        if buf is not None:
-                            buf[idx] = patches
-                        if source.nodata is not None:
-                            has_nodata[idx] = _contains(patches, source.nodata)
-                        bar.update(1)
-                rejected_nodata[source.name] = int((has_nodata & ok).sum())
-                ok &= ~has_nodata
-                buffers.append(buf)
+        buffers, nodata_hits = _read_patches(
+            sources, [(c[candidates], r[candidates]) for c, r in starts],
+            [o is not None for o in outputs], tmpdir, quiet)
+        for source, has_nodata in zip(sources, nodata_hits, strict=True):
+            rejected_nodata[source.name] = int((has_nodata & ok).sum())
+            ok &= ~has_nodata
         positions = np.flatnonzero(ok)
         kept = candidates[positions]
         if len(kept) == 0:

@@ -161,7 +161,8 @@ def write_patches_image(
         Pixel spacing ``(sx, sy)`` of the source, recorded in the dummy geotransform
         (OTBTF writes the same: no CRS, origin at ``(-sx/2, sy/2)``).
     creation_options
-        Extra GDAL creation options (e.g. ``{"COMPRESS": "DEFLATE"}``).
+        Extra GDAL creation options (e.g. ``{"COMPRESS": "DEFLATE"}``); uncompressed
+        by default, like OTBTF.
     parameter
         Parameter name used in error messages.
     """
@@ -175,6 +176,11 @@ def write_patches_image(
     profile.pop("tiled", None)
     profile.pop("blockxsize", None)
     profile.pop("blockysize", None)
+    if not any(k.upper() == "COMPRESS" for k in (creation_options or {})):
+        # Like OTBTF: uncompressed unless asked (float patches barely compress, and
+        # DEFLATE would dominate extraction time).
+        profile.pop("compress", None)
+        profile.pop("predictor", None)
     rows_per_strip = patch_size_y * max(1, 16384 // max(1, patch_size_x * patch_size_y))
     profile["blockysize"] = min(rows_per_strip, n_patches * patch_size_y)
     with atomic_output(path, parameter) as tmp:
