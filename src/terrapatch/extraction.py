@@ -164,8 +164,9 @@ def _read_patches(
         buf = buffers[i]
         if buf is not None:
             buf[idx] = patches
-        if sources[i].nodata is not None:
-            nodata_hits[i][idx] = _contains(patches, sources[i].nodata)
+        nodata = sources[i].nodata
+        if nodata is not None:
+            nodata_hits[i][idx] = _contains(patches, nodata)
 
     opened: list[dict[int, SourceReader]] = []
     workers = max(1, min(READ_THREADS, os.cpu_count() or 1, len(tasks)))

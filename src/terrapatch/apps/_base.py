@@ -102,10 +102,8 @@ def coerce(param: Param, value: Any, key: str) -> Any:
         return tuple(os.fspath(v) for v in items)
     if kind == "strs":
         if isinstance(value, str):
-            items = value.split()
-        else:
-            items = [str(v) for v in value]
-        return tuple(items)
+            return tuple(value.split())
+        return tuple(str(v) for v in value)
     if isinstance(value, list | tuple):
         if len(value) != 1:
             raise InputError(f"{key}: expected one value, got {list(value)!r}")

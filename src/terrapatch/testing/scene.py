@@ -166,7 +166,7 @@ def make_scene(
     t20 = Affine(20.0, 0.0, x0, 0.0, -20.0, y0)
     common = {"driver": "GTiff", "crs": crs, "compress": "deflate", "tiled": True,
               "blockxsize": 256, "blockysize": 256}
-    paths = {
+    paths: dict[str, tuple[Path, np.ndarray, Affine, int]] = {
         "img_10m": (out / "s2_10m.tif", b10, t10, 0),
         "img_20m": (out / "s2_20m.tif", b20, t20, 0),
         "labels_10m": (out / "labels_10m.tif", lab[None], t10, 255),
