@@ -195,6 +195,17 @@ def nested_sources(draw):
     return grids, fields
 
 
+def serving_layout(grids, fields):
+    """Layout on the extraction grid G and its output grid; skips draws without overlap."""
+    lay = Layout(tuple(grids), tuple(fields), factor=extraction_factor(grids))
+    try:
+        out = lay.output_grid
+    except GeometryError:
+        assume(False)
+        raise
+    return lay, out
+
+
 def window_extent(lay: Layout, source: int, col: int, row: int) -> tuple[float, ...]:
     g = lay.grids[source]
     rx, ry = lay.fields[source]
@@ -221,13 +232,7 @@ def test_i1_co_registration_in_extraction(sources, data):
 @given(nested_sources())
 def test_i1_co_registration_in_serving_and_validity(sources):
     grids, fields = sources
-    factor = extraction_factor(grids)
-    try:
-        lay = Layout(tuple(grids), tuple(fields), factor=factor)
-        out = lay.output_grid
-    except GeometryError:
-        assume(False)
-        return
+    lay, out = serving_layout(grids, fields)
     starts = [lay.tile_starts(0, 0, out.width, out.height, i) for i in range(len(grids))]
     for n in (0, out.width // 2, out.width - 1):
         m = min(n, out.height - 1)
@@ -246,12 +251,7 @@ def test_i1_co_registration_in_serving_and_validity(sources):
 @given(nested_sources(), st.data())
 def test_i2_extraction_windows_are_serving_windows(sources, data):
     grids, fields = sources
-    lay = Layout(tuple(grids), tuple(fields), factor=extraction_factor(grids))
-    try:
-        out = lay.output_grid
-    except GeometryError:
-        assume(False)
-        return
+    lay, out = serving_layout(grids, fields)
     col = data.draw(st.integers(0, out.width - 1))
     row = data.draw(st.integers(0, out.height - 1))
     fx, fy = data.draw(st.floats(0, 0.999)), data.draw(st.floats(0, 0.999))
@@ -268,12 +268,7 @@ def test_i2_extraction_windows_are_serving_windows(sources, data):
 @given(nested_sources(), st.integers(1, 7), st.integers(1, 7))
 def test_i4_tiles_do_not_change_windows(sources, tile_x, tile_y):
     grids, fields = sources
-    lay = Layout(tuple(grids), tuple(fields), factor=extraction_factor(grids))
-    try:
-        out = lay.output_grid
-    except GeometryError:
-        assume(False)
-        return
+    lay, out = serving_layout(grids, fields)
     for i in range(len(grids)):
         full_c, full_r = lay.tile_starts(0, 0, out.width, out.height, i)
         for c0 in range(0, out.width, tile_x):
