@@ -18,7 +18,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from terrapatch.apps import REGISTRY, get_app
 from terrapatch.apps._base import sources_from_env
-from terrapatch.errors import TerrapatchError
+from terrapatch.errors import InputError, TerrapatchError
 from terrapatch.progress import configure_logging
 
 #: terrapatch's own commands → "module:function" taking argv and returning an exit code.
@@ -37,13 +37,40 @@ def _usage() -> str:
         "usage: terrapatch APPLICATION -key value ... | terrapatch COMMAND [options]\n\n"
         f"OTBTF-compatible applications (terrapatch APP -help):\n{apps}\n\n"
         f"Commands (terrapatch COMMAND --help):\n{commands}\n\n"
-        "Global options: --quiet (no progress bars), --debug (tracebacks)"
+        "Global options: --quiet (no progress bars), --debug (tracebacks),\n"
+        "  --workers N (local Dask cluster), --dask-scheduler ADDRESS (existing cluster)"
     )
 
 
+def _pop_option(argv: list[str], names: tuple[str, ...]) -> str | None:
+    """Remove ``--name VALUE`` from argv and return VALUE (None when absent)."""
+    for name in names:
+        if name in argv:
+            i = argv.index(name)
+            if i + 1 >= len(argv):
+                raise InputError(f"{name}: missing value")
+            value = argv[i + 1]
+            del argv[i:i + 2]
+            return value
+    return None
+
+
 def run_app(name: str, argv: Sequence[str], quiet: bool) -> int:
-    """Run the OTBTF-style application ``name`` with OTB command-line tokens."""
+    """Run the OTBTF-style application ``name`` with OTB command-line tokens.
+
+    ``--workers N`` (local Dask cluster) and ``--dask-scheduler ADDRESS`` are passed to
+    applications that can run on a cluster.
+    """
     cls = get_app(name)
+    argv = list(argv)
+    scheduler = _pop_option(argv, ("--dask-scheduler", "-dask-scheduler"))
+    workers_text = _pop_option(argv, ("--workers", "-workers"))
+    try:
+        workers = None if workers_text is None else int(workers_text)
+    except ValueError:
+        raise InputError(f"--workers: {workers_text!r} is not an integer") from None
+    if workers is not None and workers < 1:
+        raise InputError(f"--workers: {workers} must be ≥ 1")
     if any(t in ("-help", "--help", "-h") for t in argv):
         values, _ = cls.parse_argv([t for t in argv if t not in ("-help", "--help", "-h")])
         n = max([sources_from_env()] + [int(k[6:].split(".")[0]) for k in values
@@ -51,7 +78,8 @@ def run_app(name: str, argv: Sequence[str], quiet: bool) -> int:
         print(cls.help_text(n))
         return 0
     values, pixel_types = cls.parse_argv(argv)
-    app = cls(values, quiet=quiet, pixel_types=pixel_types)
+    app = cls(values, quiet=quiet, pixel_types=pixel_types, scheduler=scheduler,
+              workers=workers)
     if not app.executed:
         app.execute()
     return 0

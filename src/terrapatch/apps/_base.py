@@ -169,6 +169,11 @@ class App:
         Hide progress bars.
     pixel_types
         ``{output_key: pixel_type}`` for outputs (the CLI's trailing ``uint8``).
+    scheduler
+        Dask scheduler address or ``distributed.Client`` for applications that can run
+        on a cluster (extraction, serving).
+    workers
+        Number of local Dask worker processes for those applications.
     **kwargs
         Parameters in pyotb spelling (``source1_il=...``, ``model_fullyconv=True``).
 
@@ -184,11 +189,14 @@ class App:
 
     def __init__(self, *args: Mapping[str, Any], n_sources: int | None = None,
                  quiet: bool = False, pixel_types: Mapping[str, str] | None = None,
+                 scheduler: Any = None, workers: int | None = None,
                  **kwargs: Any) -> None:
         self.values: dict[str, Any] = {}
         self.pixel_types: dict[str, str] = {
             normalize_key(k): str(v) for k, v in (pixel_types or {}).items()}
         self.quiet = quiet
+        self.scheduler = scheduler
+        self.workers = workers
         self.result: Any = None
         self.executed = False
         given: dict[str, Any] = {}

@@ -68,4 +68,6 @@ class PatchesExtraction(App):
             factor=self.get("grid.factor"),
             reproject=bool(self.get("vec.reproject")),
             quiet=self.quiet,
+            scheduler=self.scheduler,
+            workers=self.workers,
         )
