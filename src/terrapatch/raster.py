@@ -173,8 +173,13 @@ class SourceReader:
         rows, cols = int(window.height), int(window.width)
         out = np.empty((self.bands, rows, cols), dtype=self.dtype)
         b = 0
-        for ds in self._datasets:
-            ds.read(window=window, out=out[b:b + ds.count])
+        for path, ds in zip(self.source.paths, self._datasets, strict=True):
+            try:
+                ds.read(window=window, out=out[b:b + ds.count])
+            except RasterioIOError as exc:
+                raise InputError(
+                    f"{self.source.name}.il: cannot read {window!r} of {path!r} ({exc})"
+                ) from None
             b += ds.count
         return out
 
