@@ -1,4 +1,4 @@
-"""Fault injection for cluster tests: tasks that kill their worker or fail a given number of times."""
+"""Fault injection for cluster tests: tasks that kill their worker, or always fail."""
 
 from __future__ import annotations
 
