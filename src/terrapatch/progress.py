@@ -27,9 +27,23 @@ def configure_logging(quiet: bool = False, debug: bool = False) -> None:
     """Send terrapatch's log records to stderr (INFO, WARNING when quiet, DEBUG when debug)."""
     level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
     logger.setLevel(level)
-    if not any(getattr(h, "_terrapatch", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
-        handler._terrapatch = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
     logger.propagate = False
+
+
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Log to whatever ``sys.stderr`` is when a record is emitted (pytest swaps it)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
