@@ -21,7 +21,6 @@ from terrapatch.apps import (
 from terrapatch.cli import main
 from terrapatch.errors import InputError
 from terrapatch.patches import read_patches
-from terrapatch.progress import logger
 from terrapatch.testing import coordinate_raster, write_raster
 from terrapatch.vector import read_points
 
@@ -43,20 +42,8 @@ def scene(tmp_path):
     return img, lab, vec
 
 
-@pytest.fixture(autouse=True)
-def _fresh_cli_logging():
-    """cli.main binds its log handler to the sys.stderr of its first call; drop it per test."""
-    yield
-    for handler in list(logger.handlers):
-        if getattr(handler, "_terrapatch", False):
-            logger.removeHandler(handler)
-
-
 def _cli(capsys, *argv):
     """Run the CLI; return the exit code and the stderr lines that are not log records."""
-    for handler in list(logger.handlers):
-        if getattr(handler, "_terrapatch", False):
-            logger.removeHandler(handler)
     code = main([str(a) for a in argv])
     captured = capsys.readouterr()
     lines = [line for line in captured.err.strip().splitlines()
