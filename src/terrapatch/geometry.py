@@ -164,12 +164,13 @@ def check_same_crs(grids: Sequence[Grid]) -> None:
             first.crs is not None and first.crs != other.crs
         ):
             raise CRSMismatchError(
-                f"{other.name}: CRS {_crs_label(other.crs)} differs from {first.name} CRS "
-                f"{_crs_label(first.crs)}; reproject the rasters to one CRS"
+                f"{other.name}: CRS {crs_label(other.crs)} differs from {first.name} CRS "
+                f"{crs_label(first.crs)}; reproject the rasters to one CRS"
             )
 
 
-def _crs_label(crs: Any) -> str:
+def crs_label(crs: Any) -> str:
+    """Short CRS name for messages: ``EPSG:32631``, the CRS string, or ``(none)``."""
     if crs is None:
         return "(none)"
     try:

@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyogrio
 import rasterio
 import shapely
 from affine import Affine
@@ -47,9 +46,9 @@ from rasterio.errors import RasterioIOError
 from rasterio.windows import Window
 
 from terrapatch.errors import GeometryError, InputError, MissingInputError, NoSamplesError
-from terrapatch.geometry import Grid
+from terrapatch.geometry import Grid, crs_label
 from terrapatch.progress import logger, progress_bar
-from terrapatch.vector import write_points
+from terrapatch.vector import read_layers, write_points
 from terrapatch.writer import atomic_output, check_writable
 
 PathLike = str | os.PathLike[str]
@@ -344,11 +343,7 @@ def _check_same_grid(ref: _RasterInfo, other: _RasterInfo) -> None:
     if a.crs != b.crs:
         logger.warning("%s: %s has the grid of %s but a different CRS tag (%s vs %s); using "
                        "it as on the same grid", other.parameter, other.path, ref.path,
-                       _crs_label(b.crs), _crs_label(a.crs))
-
-
-def _crs_label(crs: CRS | None) -> str:
-    return "none" if crs is None else _crs_name(crs)
+                       crs_label(b.crs), crs_label(a.crs))
 
 
 def _equals(values: np.ndarray, value: float) -> np.ndarray:
@@ -1052,9 +1047,6 @@ def _label_quotas(strategy: str, counts: np.ndarray, classes: np.ndarray, count:
 
 # ---------------------------------------------------------------------------------- polygons
 
-_GEOMETRY_NAMES = ("Point", "LineString", "LinearRing", "Polygon", "MultiPoint",
-                   "MultiLineString", "MultiPolygon", "GeometryCollection")
-
 
 @dataclass(frozen=True)
 class _Polygons:
@@ -1092,61 +1084,24 @@ def _read_polygons(path: PathLike, field_name: str, crs: CRS | None,
                    parameter: str = "vec") -> _Polygons:
     """Read labelled polygons from every layer holding ``field_name``, in ``crs``."""
     text = os.fspath(path)
-    if not Path(text).exists():
-        raise MissingInputError(f"{parameter}: file {text!r} does not exist")
-    try:
-        layers = [str(name) for name, _ in pyogrio.list_layers(text)]
-    except Exception as exc:
-        raise InputError(f"{parameter}: {text!r} is not a readable vector file ({exc})") \
-            from None
+    layers, skipped = read_layers(text, field_name, (3, 6), "a polygon", parameter)
     geoms: list[np.ndarray] = []
     values: list[Any] = []
-    skipped = 0
-    all_fields: list[str] = []
-    used: list[str] = []
     for layer in layers:
-        info = pyogrio.read_info(text, layer=layer)
-        layer_fields = [str(f) for f in info["fields"]]
-        all_fields.extend(f for f in layer_fields if f not in all_fields)
-        if field_name not in layer_fields:
-            skipped += int(max(info["features"], 0))
-            continue
-        used.append(layer)
-        _meta, _fids, wkb, field_data = pyogrio.raw.read(text, layer=layer, columns=[field_name])
-        shapes = shapely.from_wkb(wkb)
-        column = np.asarray(field_data[0])
-        if column.dtype.kind == "f":
-            has_value = np.isfinite(column)
-        else:
-            has_value = np.array([v is not None for v in column], dtype=bool)
-        keep = has_value & ~shapely.is_missing(shapes)
-        skipped += int((~keep).sum())
-        kinds = shapely.get_type_id(shapes[keep])
-        wrong = ~np.isin(kinds, (3, 6))
-        if wrong.any():
-            bad = int(np.flatnonzero(keep)[np.flatnonzero(wrong)[0]])
-            kind = int(shapely.get_type_id(shapes[bad]))
-            raise InputError(
-                f"{parameter}: feature {bad} of layer {layer!r} in {text!r} is a "
-                f"{_GEOMETRY_NAMES[kind] if 0 <= kind < 8 else kind}, not a polygon"
-            )
-        file_crs = CRS.from_user_input(info["crs"]) if info["crs"] else None
-        layer_geoms = shapes[keep]
-        if crs is not None and file_crs is not None and file_crs != crs and len(layer_geoms):
+        layer_geoms = layer.geometries
+        if crs is not None and layer.crs is not None and layer.crs != crs and len(layer_geoms):
             from rasterio.warp import transform_geom
 
-            mapped = transform_geom(file_crs, crs, [shapely.geometry.mapping(g)
-                                                    for g in layer_geoms])
+            mapped = transform_geom(layer.crs, crs, [shapely.geometry.mapping(g)
+                                                     for g in layer_geoms])
             layer_geoms = np.array([shapely.geometry.shape(g) for g in mapped], dtype=object)
             logger.info("%s: layer %r reprojected from %s to the raster's CRS %s", parameter,
-                        layer, _crs_name(file_crs), _crs_name(crs))
-        elif crs is not None and file_crs is None:
-            logger.warning("%s: layer %r has no CRS; assuming the raster's", parameter, layer)
+                        layer.name, crs_label(layer.crs), crs_label(crs))
+        elif crs is not None and layer.crs is None:
+            logger.warning("%s: layer %r has no CRS; assuming the raster's", parameter,
+                           layer.name)
         geoms.append(layer_geoms)
-        values.extend(column[keep].tolist())
-    if not used:
-        raise InputError(f"field: {field_name!r} is not a field of {text!r} "
-                         f"(fields: {', '.join(all_fields) or 'none'})")
+        values.extend(layer.values.tolist())
     if not values:
         raise NoSamplesError(f"{parameter}: no polygon of {text!r} has a value in field "
                              f"{field_name!r}")
@@ -1154,12 +1109,8 @@ def _read_polygons(path: PathLike, field_name: str, crs: CRS | None,
     if names is not None:
         logger.info("%s: string field %r mapped to class codes %s", parameter, field_name,
                     ", ".join(f"{c}={n}" for c, n in names.items()))
-    return _Polygons(np.concatenate(geoms), classes, names, field_name, skipped, tuple(used))
-
-
-def _crs_name(crs: CRS) -> str:
-    epsg = crs.to_epsg()
-    return f"EPSG:{epsg}" if epsg else crs.to_string()
+    return _Polygons(np.concatenate(geoms), classes, names, field_name, skipped,
+                     tuple(layer.name for layer in layers))
 
 
 def _polygon_strips(info: _RasterInfo, polys: _Polygons, nodata: float | None,

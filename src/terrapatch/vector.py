@@ -22,6 +22,7 @@ import shapely
 from rasterio.crs import CRS
 
 from terrapatch.errors import CRSMismatchError, InputError, MissingInputError
+from terrapatch.geometry import crs_label
 from terrapatch.writer import check_writable
 
 _DRIVERS = {".gpkg": "GPKG", ".geojson": "GeoJSON", ".json": "GeoJSON", ".shp": "ESRI Shapefile"}
@@ -53,26 +54,101 @@ class PointSet:
         return int(self.x.shape[0])
 
 
-def _labels_as_int(values: np.ndarray, path: str, field: str) -> tuple[np.ndarray, np.ndarray]:
-    """Return (labels, valid mask) for a field column."""
+def _labels_as_int(values: np.ndarray, path: str, field: str) -> np.ndarray:
+    """Integer labels from a (non-null) field column: reals truncated, numeric strings parsed."""
     if values.dtype.kind in "iub":
-        return values.astype(np.int64), np.ones(values.shape, dtype=bool)
+        return values.astype(np.int64)
     if values.dtype.kind == "f":
-        valid = np.isfinite(values)
-        return np.trunc(np.where(valid, values, 0)).astype(np.int64), valid
+        return np.trunc(values).astype(np.int64)
     labels = np.zeros(values.shape, dtype=np.int64)
-    valid = np.zeros(values.shape, dtype=bool)
     for i, v in enumerate(values):
-        if v is None:
-            continue
         try:
             labels[i] = int(float(str(v).strip()))
         except ValueError:
             raise InputError(
                 f"field: value {v!r} of field {field!r} (feature {i}) in {path!r} is not a number"
             ) from None
-        valid[i] = True
-    return labels, valid
+    return labels
+
+
+GEOMETRY_NAMES = ("Point", "LineString", "LinearRing", "Polygon", "MultiPoint",
+                  "MultiLineString", "MultiPolygon", "GeometryCollection")
+
+
+@dataclass(frozen=True)
+class LayerFeatures:
+    """The features of one layer that carry a field: geometries, raw values, CRS."""
+
+    name: str
+    geometries: np.ndarray
+    values: np.ndarray
+    crs: CRS | None
+
+
+def read_layers(
+    path: str | os.PathLike[str],
+    field: str,
+    geometry_types: tuple[int, ...],
+    expected: str,
+    parameter: str = "vec",
+) -> tuple[list[LayerFeatures], int]:
+    """Read, from every layer in file order, the features that carry ``field``.
+
+    Features without the field, with a null value or without geometry are skipped and
+    counted. A feature carrying the field whose geometry type id (shapely) is not in
+    ``geometry_types`` is an error saying it is not ``expected``.
+
+    Returns
+    -------
+    layers, n_skipped
+        One :class:`LayerFeatures` per layer holding the field, and the skipped count.
+    """
+    path = os.fspath(path)
+    if not Path(path).exists():
+        raise MissingInputError(f"{parameter}: file {path!r} does not exist")
+    try:
+        names = [str(name) for name, _ in pyogrio.list_layers(path)]
+    except Exception as exc:
+        raise InputError(f"{parameter}: {path!r} is not a readable vector file ({exc})") from None
+    layers: list[LayerFeatures] = []
+    skipped = 0
+    all_fields: list[str] = []
+    for layer in names:
+        info = pyogrio.read_info(path, layer=layer)
+        fields = [str(f) for f in info["fields"]]
+        all_fields.extend(f for f in fields if f not in all_fields)
+        if field not in fields:
+            skipped += int(max(info["features"], 0))
+            continue
+        _meta, _fids, wkb, field_data = pyogrio.raw.read(path, layer=layer, columns=[field])
+        geoms = shapely.from_wkb(wkb)
+        column = np.asarray(field_data[0])
+        if column.dtype.kind == "f":
+            has_value = np.isfinite(column)
+        elif column.dtype.kind == "O":
+            has_value = np.array([v is not None for v in column], dtype=bool)
+        else:
+            has_value = np.ones(column.shape, dtype=bool)
+        keep = has_value & ~shapely.is_missing(geoms)
+        skipped += int((~keep).sum())
+        kinds = shapely.get_type_id(geoms[keep])
+        wrong = ~np.isin(kinds, geometry_types)
+        if wrong.any():
+            bad = int(np.flatnonzero(keep)[np.flatnonzero(wrong)[0]])
+            kind = int(shapely.get_type_id(geoms[bad]))
+            label = GEOMETRY_NAMES[kind] if 0 <= kind < len(GEOMETRY_NAMES) else str(kind)
+            raise InputError(
+                f"{parameter}: feature {bad} of layer {layer!r} in {path!r} is a {label}, "
+                f"not {expected}"
+            )
+        crs = CRS.from_user_input(info["crs"]) if info["crs"] else None
+        layers.append(LayerFeatures(layer, geoms[keep], column[keep], crs))
+    if not layers:
+        raise InputError(
+            f"field: {field!r} is not a field of {path!r} "
+            f"(fields: {', '.join(all_fields) or 'none'})"
+        )
+    return layers, skipped
 
 
 def read_points(
@@ -98,64 +174,23 @@ def read_points(
     parameter
         Parameter name quoted in errors.
     """
-    path = os.fspath(path)
-    if not Path(path).exists():
-        raise MissingInputError(f"{parameter}: file {path!r} does not exist")
-    try:
-        layers = [str(name) for name, _ in pyogrio.list_layers(path)]
-    except Exception as exc:
-        raise InputError(f"{parameter}: {path!r} is not a readable vector file ({exc})") from None
-    xs, ys, labels = [], [], []
-    skipped = 0
-    file_crs: str | None = None
-    all_fields: list[str] = []
-    layer_with_field = False
+    layers, skipped = read_layers(
+        path, field, (0,), "a point; sample positions must be points "
+        "(see PatchesSelection or PolygonSampleSelection)", parameter)
+    xs, ys, labels = [np.empty(0)], [np.empty(0)], [np.empty(0, dtype=np.int64)]
+    points_crs = next((layer.crs for layer in layers if layer.crs is not None), None)
     for layer in layers:
-        info = pyogrio.read_info(path, layer=layer)
-        fields = [str(f) for f in info["fields"]]
-        all_fields.extend(f for f in fields if f not in all_fields)
-        if field not in fields:
-            skipped += int(max(info["features"], 0))
-            continue
-        layer_with_field = True
-        file_crs = file_crs or info["crs"]
-        _meta, _fids, geometry, field_data = pyogrio.raw.read(
-            path, layer=layer, columns=[field], read_geometry=True
-        )
-        values, valid = _labels_as_int(np.asarray(field_data[0]), path, field)
-        geoms = shapely.from_wkb(geometry)
-        has_geom = ~shapely.is_missing(geoms)
-        keep = valid & has_geom
-        skipped += int((~keep).sum())
-        types = shapely.get_type_id(geoms[keep])
-        if (types != 0).any():
-            bad = int(np.flatnonzero(keep)[np.flatnonzero(types != 0)[0]])
-            kind = shapely.get_type_id(geoms[bad])
-            names = ["Point", "LineString", "LinearRing", "Polygon", "MultiPoint",
-                     "MultiLineString", "MultiPolygon", "GeometryCollection"]
-            raise InputError(
-                f"{parameter}: feature {bad} of layer {layer!r} in {path!r} is a "
-                f"{names[kind] if 0 <= kind < len(names) else kind}, not a point; sample "
-                "positions must be points (see PatchesSelection or sample_polygons)"
-            )
-        coords = shapely.get_coordinates(geoms[keep])
+        coords = shapely.get_coordinates(layer.geometries)
         xs.append(coords[:, 0])
         ys.append(coords[:, 1])
-        labels.append(values[keep])
-    if not layer_with_field:
-        raise InputError(
-            f"field: {field!r} is not a field of {path!r} "
-            f"(fields: {', '.join(all_fields) or 'none'})"
-        )
-    x = np.concatenate(xs) if xs else np.empty(0)
-    y = np.concatenate(ys) if ys else np.empty(0)
-    lab = np.concatenate(labels) if labels else np.empty(0, dtype=np.int64)
-    points_crs = CRS.from_user_input(file_crs) if file_crs else None
+        labels.append(_labels_as_int(layer.values, os.fspath(path), field))
+    x, y, lab = np.concatenate(xs), np.concatenate(ys), np.concatenate(labels)
     if crs is not None and points_crs is not None and points_crs != crs:
         if not reproject:
             raise CRSMismatchError(
-                f"{parameter}: CRS {_label(points_crs)} of {path!r} differs from the rasters' "
-                f"CRS {_label(crs)}; reproject the points (or pass reproject=True)"
+                f"{parameter}: CRS {crs_label(points_crs)} of {os.fspath(path)!r} differs from "
+                f"the rasters' CRS {crs_label(crs)}; reproject the points (or pass "
+                "reproject=True / -vec.reproject true)"
             )
         from rasterio.warp import transform
 
@@ -164,11 +199,6 @@ def read_points(
             x, y = np.asarray(tx), np.asarray(ty)
         points_crs = crs
     return PointSet(x.astype(np.float64), y.astype(np.float64), lab, points_crs or crs, skipped)
-
-
-def _label(crs: CRS) -> str:
-    epsg = crs.to_epsg()
-    return f"EPSG:{epsg}" if epsg else crs.to_string()
 
 
 def vector_driver(path: str | os.PathLike[str], parameter: str = "out") -> str:
