@@ -32,7 +32,7 @@ from terrapatch.geometry import Layout, extraction_factor
 from terrapatch.patches import write_patches_image
 from terrapatch.progress import logger, progress_bar
 from terrapatch.raster import Source, SourceReader, patches_from_region
-from terrapatch.vector import PointSet, read_points, write_points
+from terrapatch.vector import PointSet, read_points, vector_driver, write_points
 from terrapatch.writer import check_writable, pixel_dtype
 
 PathLike = str | os.PathLike[str]
@@ -251,6 +251,7 @@ def extract_patches(
     pixel_types: Sequence[str | None] | str | None = None,
     labels_pixel_type: str | None = None,
     creation_options: Mapping[str, str] | None = None,
+    output_options: Mapping[str, Mapping[str, str]] | None = None,
     factor: int | None = None,
     reproject: bool = False,
     quiet: bool = False,
@@ -280,6 +281,9 @@ def extract_patches(
         Pixel type of the labels image; default uint8 (values clamped, OTB-style).
     creation_options
         GDAL creation options for every raster output.
+    output_options
+        GDAL creation options for one output, by key (``"source1.out"``, ``"outlabels"``),
+        added to ``creation_options``.
     factor
         Factor of the sampling grid G in source-1 pixels; default: coarsest spacing /
         source-1 spacing when that is an integer, else 1 (DESIGN.md §2).
@@ -316,6 +320,10 @@ def extract_patches(
         check_writable(labels_out, "outlabels")
     if points_out is not None:
         check_writable(points_out, "outpoints")
+        vector_driver(points_out, "outpoints")
+
+    def options(key: str) -> dict[str, str]:
+        return {**(creation_options or {}), **(output_options or {}).get(key, {})}
 
     grids = [s.grid for s in sources]
     layout = Layout(tuple(grids), tuple(s.patch_size for s in sources),  # type: ignore[misc]
@@ -370,7 +378,7 @@ def extract_patches(
             summary_outputs[f"{source.name}.out"] = write_patches_image(
                 outputs[i], _chunks(buf, positions), n_patches=len(kept),  # type: ignore[arg-type]
                 patch_size_x=rx, patch_size_y=ry, bands=source.bands, dtype=out_dtypes[i],
-                spacing=source.grid.spacing, creation_options=creation_options,
+                spacing=source.grid.spacing, creation_options=options(f"{source.name}.out"),
                 parameter=f"{source.name}.out",
             )
     labels = points.labels[kept]
@@ -378,7 +386,7 @@ def extract_patches(
         summary_outputs["outlabels"] = write_patches_image(
             labels_out, [labels.reshape(-1, 1, 1, 1)], n_patches=len(kept),
             patch_size_x=1, patch_size_y=1, bands=1, dtype=labels_dtype,
-            creation_options=creation_options, parameter="outlabels",
+            creation_options=options("outlabels"), parameter="outlabels",
         )
     if points_out is not None:
         summary_outputs["outpoints"] = write_points(

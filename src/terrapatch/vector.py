@@ -167,8 +167,9 @@ def read_points(
     field
         Attribute holding the integer class label.
     crs
-        CRS the points must be in (source 1's). A different CRS in the file is an error
-        unless ``reproject`` is True, in which case the points are transformed.
+        CRS the points must be in (source 1's); default: the first layer's. A layer in
+        another CRS is an error unless ``reproject`` is True, in which case its points
+        are transformed.
     reproject
         Reproject points to ``crs`` instead of failing on a CRS mismatch.
     parameter
@@ -177,28 +178,30 @@ def read_points(
     layers, skipped = read_layers(
         path, field, (0,), "a point; sample positions must be points "
         "(see PatchesSelection or PolygonSampleSelection)", parameter)
+    target = crs if crs is not None else next(
+        (layer.crs for layer in layers if layer.crs is not None), None)
     xs, ys, labels = [np.empty(0)], [np.empty(0)], [np.empty(0, dtype=np.int64)]
-    points_crs = next((layer.crs for layer in layers if layer.crs is not None), None)
     for layer in layers:
         coords = shapely.get_coordinates(layer.geometries)
-        xs.append(coords[:, 0])
-        ys.append(coords[:, 1])
+        x, y = coords[:, 0], coords[:, 1]
+        if target is not None and layer.crs is not None and layer.crs != target:
+            if not reproject:
+                raise CRSMismatchError(
+                    f"{parameter}: CRS {crs_label(layer.crs)} of layer {layer.name!r} in "
+                    f"{os.fspath(path)!r} differs from the rasters' CRS {crs_label(target)}; "
+                    "reproject the points (or pass reproject=True / -vec.reproject true)"
+                )
+            if len(x):
+                from rasterio.warp import transform
+
+                tx, ty = transform(layer.crs, target, x, y)
+                x, y = np.asarray(tx), np.asarray(ty)
+        xs.append(x)
+        ys.append(y)
         labels.append(_labels_as_int(layer.values, os.fspath(path), field))
     x, y, lab = np.concatenate(xs), np.concatenate(ys), np.concatenate(labels)
-    if crs is not None and points_crs is not None and points_crs != crs:
-        if not reproject:
-            raise CRSMismatchError(
-                f"{parameter}: CRS {crs_label(points_crs)} of {os.fspath(path)!r} differs from "
-                f"the rasters' CRS {crs_label(crs)}; reproject the points (or pass "
-                "reproject=True / -vec.reproject true)"
-            )
-        from rasterio.warp import transform
-
-        if len(x):
-            tx, ty = transform(points_crs, crs, x, y)
-            x, y = np.asarray(tx), np.asarray(ty)
-        points_crs = crs
-    return PointSet(x.astype(np.float64), y.astype(np.float64), lab, points_crs or crs, skipped)
+    points_crs = target
+    return PointSet(x.astype(np.float64), y.astype(np.float64), lab, points_crs, skipped)
 
 
 def vector_driver(path: str | os.PathLike[str], parameter: str = "out") -> str:

@@ -53,10 +53,10 @@ class PatchesExtraction(App):
         ]
         outs = [self.output(f"source{k}.out") for k in range(1, n + 1)]
         labels = self.output("outlabels")
-        creation: dict[str, str] = {}
-        for spec in [*outs, labels]:
-            if spec is not None:
-                creation.update(spec.ext.creation_options)
+        options = {f"source{k}.out": o.ext.creation_options
+                   for k, o in enumerate(outs, start=1) if o is not None}
+        if labels is not None:
+            options["outlabels"] = labels.ext.creation_options
         return extract_patches(
             sources, self.get("vec"), self.get("field"),
             [o.path if o else None for o in outs],
@@ -64,7 +64,7 @@ class PatchesExtraction(App):
             points_out=self.get("outpoints"),
             pixel_types=[o.pixel_type if o else None for o in outs],
             labels_pixel_type=labels.pixel_type if labels else None,
-            creation_options=creation or None,
+            output_options=options,
             factor=self.get("grid.factor"),
             reproject=bool(self.get("vec.reproject")),
             quiet=self.quiet,
