@@ -33,7 +33,7 @@ from terrapatch.patches import write_patches_image
 from terrapatch.progress import logger, progress_bar
 from terrapatch.raster import Source, SourceReader, patches_from_region
 from terrapatch.vector import PointSet, read_points, vector_driver, write_points
-from terrapatch.writer import check_writable, pixel_dtype
+from terrapatch.writer import check_writable, output_group, pixel_dtype
 
 PathLike = str | os.PathLike[str]
 
@@ -70,7 +70,8 @@ class ExtractionSummary:
     rejected_outside
         Per source name, samples whose window leaves that source.
     rejected_nodata
-        Per source name, samples (inside every source) whose patch holds nodata there.
+        Per source name, samples (inside every source) rejected for nodata there and not
+        already rejected by an earlier source, so the counts add up to the total.
     factor
         Factor of the sampling grid G (in source-1 pixels).
     outputs
@@ -370,31 +371,35 @@ def extract_patches(
                 f"vec: every sample inside the images has nodata in its patch ({detail}); "
                 "check the sourceK.nodata values"
             )
-        for i, source in enumerate(sources):
-            buf = buffers[i]
-            if outputs[i] is None or buf is None:
-                continue
-            rx, ry = source.patch_size  # type: ignore[misc]
-            summary_outputs[f"{source.name}.out"] = write_patches_image(
-                outputs[i], _chunks(buf, positions), n_patches=len(kept),  # type: ignore[arg-type]
-                patch_size_x=rx, patch_size_y=ry, bands=source.bands, dtype=out_dtypes[i],
-                spacing=source.grid.spacing, creation_options=options(f"{source.name}.out"),
-                parameter=f"{source.name}.out",
-            )
-    labels = points.labels[kept]
-    if labels_out is not None:
-        summary_outputs["outlabels"] = write_patches_image(
-            labels_out, [labels.reshape(-1, 1, 1, 1)], n_patches=len(kept),
-            patch_size_x=1, patch_size_y=1, bands=1, dtype=labels_dtype,
-            creation_options=options("outlabels"), parameter="outlabels",
-        )
-    if points_out is not None:
-        summary_outputs["outpoints"] = write_points(
-            points_out, points.x[kept], points.y[kept],
-            {field: labels, "patch": np.arange(len(kept), dtype=np.int64),
-             "feature": kept.astype(np.int64)},
-            crs=grids[0].crs, parameter="outpoints",
-        )
+        labels = points.labels[kept]
+        with output_group() as stage:
+            for i, source in enumerate(sources):
+                buf, out = buffers[i], outputs[i]
+                if out is None or buf is None:
+                    continue
+                rx, ry = source.patch_size  # type: ignore[misc]
+                write_patches_image(
+                    stage(out), _chunks(buf, positions), n_patches=len(kept),
+                    patch_size_x=rx, patch_size_y=ry, bands=source.bands, dtype=out_dtypes[i],
+                    spacing=source.grid.spacing, creation_options=options(f"{source.name}.out"),
+                    parameter=f"{source.name}.out",
+                )
+                summary_outputs[f"{source.name}.out"] = Path(out)
+            if labels_out is not None:
+                write_patches_image(
+                    stage(labels_out), [labels.reshape(-1, 1, 1, 1)], n_patches=len(kept),
+                    patch_size_x=1, patch_size_y=1, bands=1, dtype=labels_dtype,
+                    creation_options=options("outlabels"), parameter="outlabels",
+                )
+                summary_outputs["outlabels"] = Path(labels_out)
+            if points_out is not None:
+                write_points(
+                    stage(points_out), points.x[kept], points.y[kept],
+                    {field: labels, "patch": np.arange(len(kept), dtype=np.int64),
+                     "feature": kept.astype(np.int64)},
+                    crs=grids[0].crs, parameter="outpoints", layer=Path(points_out).stem,
+                )
+                summary_outputs["outpoints"] = Path(points_out)
     summary = ExtractionSummary(
         n_features=n, n_skipped=points.n_skipped, n_collected=len(kept),
         n_rejected_outside=int((~inside).sum()), rejected_outside=rejected_outside,
@@ -405,17 +410,19 @@ def extract_patches(
 
 
 def _contains(patches: np.ndarray, nodata: float) -> np.ndarray:
-    """Per patch: whether any value of any band equals ``nodata`` (float32 comparison)."""
-    value = np.float32(nodata)
-    if np.isnan(value):
+    """Per patch: whether any value of any band equals ``nodata``.
+
+    Integer rasters are compared exactly in their own type (OTBTF compares in float32,
+    which confuses values above 2**24); a nodata value that the type cannot hold never
+    matches. Float rasters are compared in float32, and a NaN nodata never matches.
+    """
+    if np.isnan(nodata):
         return np.zeros(patches.shape[0], dtype=bool)
     if patches.dtype.kind in "iu":
-        if not float(value).is_integer():
-            return np.zeros(patches.shape[0], dtype=bool)
         info = np.iinfo(patches.dtype)
-        if not info.min <= value <= info.max:
+        if not float(nodata).is_integer() or not info.min <= nodata <= info.max:
             return np.zeros(patches.shape[0], dtype=bool)
-        hits = patches == patches.dtype.type(value)
+        hits = patches == patches.dtype.type(int(nodata))
     else:
-        hits = patches.astype(np.float32, copy=False) == value
+        hits = patches.astype(np.float32, copy=False) == np.float32(nodata)
     return hits.reshape(hits.shape[0], -1).any(axis=1)

@@ -26,7 +26,9 @@ from terrapatch.geometry import Grid
 PathLike = str | os.PathLike[str]
 
 
-def _as_pair(value: int | Sequence[int] | None, parameter: str) -> tuple[int, int] | None:
+def _as_pair(
+    value: int | Sequence[int] | None, keys: tuple[str, str]
+) -> tuple[int, int] | None:
     if value is None:
         return None
     if isinstance(value, int | np.integer):
@@ -34,10 +36,13 @@ def _as_pair(value: int | Sequence[int] | None, parameter: str) -> tuple[int, in
     else:
         items = tuple(value)
         if len(items) != 2:
-            raise InputError(f"{parameter}: expected one size or (x, y), got {value!r}")
+            raise InputError(f"{keys[0]}: expected one size or (x, y), got {value!r}")
         pair = (int(items[0]), int(items[1]))
-    if pair[0] < 1 or pair[1] < 1:
-        raise InputError(f"{parameter}: size {pair[0]}×{pair[1]} must be ≥ 1")
+    for key, size in zip(keys, pair, strict=True):
+        if size < 1:
+            raise InputError(
+                f"{key}: {size} is not a valid size (patch {pair[0]}×{pair[1]}; sizes must be ≥ 1)"
+            )
     return pair
 
 
@@ -71,6 +76,9 @@ class Source:
         Name of the model input fed with this source (serving).
     name
         Label used in error messages, e.g. ``"source1"``.
+    size_keys
+        Parameter names of the x and y sizes in error messages (``rfieldx``, ``rfieldy``
+        when serving).
     """
 
     def __init__(
@@ -80,6 +88,7 @@ class Source:
         nodata: float | None = None,
         placeholder: str | None = None,
         name: str = "source1",
+        size_keys: tuple[str, str] = ("patchsizex", "patchsizey"),
     ) -> None:
         if isinstance(path_or_paths, str | os.PathLike):
             paths: tuple[str, ...] = (os.fspath(path_or_paths),)
@@ -89,7 +98,8 @@ class Source:
             raise InputError(f"{name}.il: no image given")
         self.paths = paths
         self.name = name
-        self.patch_size = _as_pair(patch_size, f"{name}.patchsize")
+        self.patch_size = _as_pair(patch_size, (f"{name}.{size_keys[0]}",
+                                                f"{name}.{size_keys[1]}"))
         self.nodata = None if nodata is None else float(nodata)
         self.placeholder = placeholder
 

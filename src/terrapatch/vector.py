@@ -94,7 +94,7 @@ def read_layers(
 ) -> tuple[list[LayerFeatures], int]:
     """Read, from every layer in file order, the features that carry ``field``.
 
-    Features without the field, with a null value or without geometry are skipped and
+    Features without the field, with a null value or an empty geometry are skipped and
     counted. A feature carrying the field whose geometry type id (shapely) is not in
     ``geometry_types`` is an error saying it is not ``expected``.
 
@@ -129,7 +129,7 @@ def read_layers(
             has_value = np.array([v is not None for v in column], dtype=bool)
         else:
             has_value = np.ones(column.shape, dtype=bool)
-        keep = has_value & ~shapely.is_missing(geoms)
+        keep = has_value & ~shapely.is_missing(geoms) & ~shapely.is_empty(geoms)
         skipped += int((~keep).sum())
         kinds = shapely.get_type_id(geoms[keep])
         wrong = ~np.isin(kinds, geometry_types)
@@ -222,10 +222,12 @@ def write_points(
     fields: Mapping[str, np.ndarray],
     crs: Any = None,
     parameter: str = "out",
+    layer: str | None = None,
 ) -> Path:
     """Write a point layer atomically (temporary name, then rename).
 
-    The format comes from the extension (``.gpkg``, ``.geojson``, ``.shp``).
+    The format comes from the extension (``.gpkg``, ``.geojson``, ``.shp``); the layer
+    is named ``layer`` (default: the file name without extension).
     """
     target = check_writable(path, parameter)
     driver = vector_driver(target, parameter)
@@ -237,7 +239,8 @@ def write_points(
     tmp = tmpdir / target.name
     try:
         pyogrio.raw.write(tmp, geometry=geometry, field_data=data, fields=names, crs=crs_text,
-                          driver=driver, geometry_type="Point", layer=target.stem)
+                          driver=driver, geometry_type="Point",
+                          layer=layer or target.stem)
         produced = sorted(tmpdir.iterdir())
         for item in produced:  # shapefiles come as several files
             os.replace(item, target.parent / (target.stem + item.name[len(target.stem):]))

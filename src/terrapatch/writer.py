@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -234,3 +234,37 @@ def geotiff_profile(
     for key, value in (creation_options or {}).items():
         profile[key.lower()] = value
     return profile
+
+
+@contextlib.contextmanager
+def output_group() -> Iterator[Callable[[str | os.PathLike[str]], Path]]:
+    """Commit several outputs together: all appear under their final names, or none does.
+
+    Yields ``stage(path) -> pending_path``: write each output to its pending path (a
+    hidden name beside it, same extension). When the block ends without error every
+    pending file (and its sidecars, e.g. a shapefile's ``.dbf``) is renamed to its final
+    name; on error they are all removed.
+    """
+    staged: list[tuple[Path, Path]] = []
+
+    def stage(path: str | os.PathLike[str]) -> Path:
+        target = Path(path)
+        pending = target.with_name(f".{target.stem}.pending{target.suffix}")
+        staged.append((pending, target))
+        return pending
+
+    def family(pending: Path) -> list[Path]:
+        prefix = pending.stem + "."
+        return [p for p in pending.parent.iterdir() if p.name.startswith(prefix)]
+
+    try:
+        yield stage
+        for pending, target in staged:
+            for item in family(pending):
+                os.replace(item, target.with_name(target.stem + item.name[len(pending.stem):]))
+    except BaseException:
+        for pending, _ in staged:
+            for item in family(pending) if pending.parent.is_dir() else []:
+                with contextlib.suppress(OSError):
+                    item.unlink()
+        raise

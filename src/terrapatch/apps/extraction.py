@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from terrapatch.apps._base import App, Param
+from terrapatch.errors import InputError
 from terrapatch.extraction import ExtractionSummary, extract_patches
 from terrapatch.raster import Source
 
@@ -53,6 +54,10 @@ class PatchesExtraction(App):
         ]
         outs = [self.output(f"source{k}.out") for k in range(1, n + 1)]
         labels = self.output("outlabels")
+        for key, spec in [*((f"source{k}.out", o) for k, o in enumerate(outs, start=1)),
+                          ("outlabels", labels)]:
+            if spec is not None and spec.ext.box is not None:
+                raise InputError(f"{key}: box= is not supported for PatchesExtraction outputs")
         options = {f"source{k}.out": o.ext.creation_options
                    for k, o in enumerate(outs, start=1) if o is not None}
         if labels is not None:

@@ -1,0 +1,161 @@
+"""Accuracy reports and quicklooks: confusion matrices, per-class scores, class-coloured PNGs."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import rasterio
+from rasterio.enums import Resampling
+
+from terrapatch.writer import atomic_output
+
+#: Default class colours (RGB 0–255), cycled when there are more classes.
+PALETTE = (
+    (31, 119, 180), (44, 160, 44), (255, 187, 120), (214, 39, 40), (152, 223, 138),
+    (140, 86, 75), (148, 103, 189), (23, 190, 207), (188, 189, 34), (127, 127, 127),
+)
+
+
+@dataclass(frozen=True)
+class ClassScores:
+    """Per-class precision, recall, F1 and support, plus overall accuracy and kappa."""
+
+    class_names: tuple[str, ...]
+    confusion: np.ndarray
+    precision: np.ndarray
+    recall: np.ndarray
+    f1: np.ndarray
+    support: np.ndarray
+    overall_accuracy: float
+    kappa: float
+
+    @property
+    def macro_f1(self) -> float:
+        """Mean F1 over the classes present in the reference."""
+        present = self.support > 0
+        return float(self.f1[present].mean()) if present.any() else 0.0
+
+
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
+    """Confusion matrix ``[true, predicted]`` for labels in ``[0, n_classes)``."""
+    t = np.asarray(y_true, dtype=np.int64).ravel()
+    p = np.asarray(y_pred, dtype=np.int64).ravel()
+    ok = (t >= 0) & (t < n_classes) & (p >= 0) & (p < n_classes)
+    return np.bincount(t[ok] * n_classes + p[ok], minlength=n_classes ** 2).reshape(
+        n_classes, n_classes)
+
+
+def class_scores(y_true: np.ndarray, y_pred: np.ndarray,
+                 class_names: Sequence[str]) -> ClassScores:
+    """Per-class scores of predicted labels against reference labels."""
+    n = len(class_names)
+    cm = confusion_matrix(y_true, y_pred, n).astype(np.float64)
+    tp = np.diag(cm)
+    predicted, support = cm.sum(axis=0), cm.sum(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = np.where(predicted > 0, tp / predicted, 0.0)
+        recall = np.where(support > 0, tp / support, 0.0)
+        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+    total = cm.sum()
+    oa = float(tp.sum() / total) if total else 0.0
+    expected = float((predicted * support).sum() / total ** 2) if total else 0.0
+    kappa = (oa - expected) / (1 - expected) if expected < 1 else 0.0
+    return ClassScores(tuple(class_names), cm.astype(np.int64), precision, recall, f1,
+                       support.astype(np.int64), oa, kappa)
+
+
+def scores_table(results: Mapping[str, ClassScores]) -> str:
+    """Markdown table of per-class F1 / precision / recall, one column group per model."""
+    names = next(iter(results.values())).class_names
+    header = "| class | " + " | ".join(f"{m} P | {m} R | {m} F1" for m in results) + " |"
+    rule = "|---|" + "---|---|---|" * len(results)
+    lines = [header, rule]
+    for c, name in enumerate(names):
+        cells = " | ".join(f"{s.precision[c]:.3f} | {s.recall[c]:.3f} | {s.f1[c]:.3f}"
+                           for s in results.values())
+        lines.append(f"| {name} | {cells} |")
+    for label, attr in (("overall accuracy", "overall_accuracy"), ("kappa", "kappa"),
+                        ("macro F1", "macro_f1")):
+        cells = " | ".join(f" | | {getattr(s, attr):.3f}" for s in results.values())
+        lines.append(f"| **{label}** | {cells.lstrip(' |')} |")
+    return "\n".join(lines)
+
+
+def _colors(n: int) -> np.ndarray:
+    return np.array([PALETTE[i % len(PALETTE)] for i in range(n)], dtype=np.uint8)
+
+
+def quicklook(
+    map_path: str | os.PathLike[str],
+    png_path: str | os.PathLike[str],
+    class_names: Sequence[str],
+    title: str | None = None,
+    max_size: int = 800,
+) -> Path:
+    """Write a PNG of a class map with class colours and a legend (decimated to ``max_size``).
+
+    Pixels equal to the map's nodata value (or outside the classes) are shown in white.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    with rasterio.open(map_path) as ds:
+        scale = max(1.0, max(ds.width, ds.height) / max_size)
+        shape = (max(1, int(ds.height / scale)), max(1, int(ds.width / scale)))
+        data = ds.read(1, out_shape=shape, resampling=Resampling.nearest)
+        nodata = ds.nodata
+    colors = _colors(len(class_names))
+    rgb = np.full((*data.shape, 3), 255, dtype=np.uint8)
+    valid = (data >= 0) & (data < len(class_names))
+    if nodata is not None:
+        valid &= data != nodata
+    rgb[valid] = colors[data[valid].astype(np.int64)]
+    fig, ax = plt.subplots(figsize=(7, 6), dpi=100)
+    ax.imshow(rgb, interpolation="nearest")
+    ax.set_axis_off()
+    ax.set_title(title or Path(map_path).name)
+    handles = [Patch(color=colors[i] / 255, label=f"{i} {n}") for i, n in enumerate(class_names)]
+    ax.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    fig.tight_layout()
+    with atomic_output(png_path, "quicklook") as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return Path(png_path)
+
+
+def confusion_png(
+    scores: Mapping[str, ClassScores], png_path: str | os.PathLike[str]
+) -> Path:
+    """Write the confusion matrices of several models side by side as one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(scores), figsize=(5.5 * len(scores), 5), dpi=100,
+                             squeeze=False)
+    for ax, (name, s) in zip(axes[0], scores.items(), strict=True):
+        cm = s.confusion
+        norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+        ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+        for (i, j), v in np.ndenumerate(cm):
+            ax.text(j, i, str(v), ha="center", va="center", fontsize=8,
+                    color="white" if norm[i, j] > 0.5 else "black")
+        ticks = range(len(s.class_names))
+        ax.set_xticks(ticks, s.class_names, rotation=45, ha="right")
+        ax.set_yticks(ticks, s.class_names)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("reference")
+        ax.set_title(f"{name} (OA {s.overall_accuracy:.3f})")
+    fig.tight_layout()
+    with atomic_output(png_path, "confusion") as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return Path(png_path)
