@@ -339,6 +339,7 @@ class DatasetFromPatchesImages:
         self.reader = PatchesImagesReader(filenames_dict, use_streaming=use_streaming)
         self.buffer_length = int(buffer_length)
         self.size = self.reader.get_size()
+        self._tensors: dict[str, Any] | None = None
 
     @property
     def output_shapes(self) -> dict[str, tuple[int, int, int]]:
@@ -405,17 +406,29 @@ class DatasetFromPatchesImages:
             yield chunk
             pending, held = [], 0
 
-    def _samples_tf_dataset(self, shuffle: bool, seed: int | None) -> tf.data.Dataset:
+    def _samples_tf_dataset(
+        self,
+        shuffle: bool,
+        seed: int | None,
+        transform: Callable[[dict[str, Any]], Any] | None = None,
+    ) -> tf.data.Dataset:
+        """Return the unbatched samples, each passed through ``transform`` (one map)."""
         import tensorflow as tf
 
         arrays = self.reader._arrays
         if arrays is not None:
-            tensors = {key: tf.constant(array) for key, array in arrays.items()}
+            if self._tensors is None:  # one copy for every dataset built from this one
+                self._tensors = {key: tf.constant(array) for key, array in arrays.items()}
+            tensors = self._tensors
             ds = tf.data.Dataset.range(self.size)
             if shuffle:
                 ds = ds.shuffle(self.size, seed=seed, reshuffle_each_iteration=True)
-            return ds.map(lambda i: {key: tf.gather(t, i) for key, t in tensors.items()},
-                          num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+            def gather(i: Any) -> Any:
+                sample = {key: tf.gather(t, i) for key, t in tensors.items()}
+                return sample if transform is None else transform(sample)
+
+            return ds.map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         rng = np.random.default_rng(seed)
         signature = {
             key: tf.TensorSpec((None, *shape), tf.dtypes.as_dtype(self.reader.dtypes[key]))
@@ -424,7 +437,12 @@ class DatasetFromPatchesImages:
         ds = tf.data.Dataset.from_generator(
             lambda: self.iter_chunks(shuffle=shuffle, rng=rng), output_signature=signature
         )
-        return ds.prefetch(2).unbatch()
+        # The generator yields every sample once; telling tf.data lets Keras know the
+        # number of steps per epoch.
+        ds = ds.prefetch(2).unbatch().apply(tf.data.experimental.assert_cardinality(self.size))
+        if transform is not None:
+            ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        return ds
 
     def get_tf_dataset(
         self,
@@ -443,9 +461,9 @@ class DatasetFromPatchesImages:
             Samples per batch.
         preprocessing_fn
             Function mapping one sample dict ``{key: tensor (rows, cols, bands)}`` to a
-            new dict (e.g. one-hot targets). It runs in ``tf.data`` (TensorFlow ops).
-            Normalisation belongs in the model (:meth:`ModelBase.normalize_inputs`),
-            so that serving applies it too.
+            new dict (e.g. one-hot targets; any structure when ``targets_keys`` is None).
+            It runs in ``tf.data`` (TensorFlow ops). Normalisation belongs in the model
+            (:meth:`ModelBase.normalize_inputs`), so that serving applies it too.
         targets_keys
             Keys that are targets: elements become ``(inputs, targets)`` tuples of
             dicts, as ``keras.Model.fit`` expects. None (or empty): plain dicts.
@@ -459,9 +477,9 @@ class DatasetFromPatchesImages:
         Raises
         ------
         InputError
-            On a bad ``batch_size``, a ``preprocessing_fn`` that does not return a dict,
-            or ``targets_keys`` absent from the (preprocessed) samples or covering them
-            all.
+            On a bad ``batch_size``, or ``targets_keys`` absent from the (preprocessed)
+            samples, covering them all, or given with a ``preprocessing_fn`` that does
+            not return a dict.
         """
         import tensorflow as tf
 
@@ -473,18 +491,23 @@ class DatasetFromPatchesImages:
                 f"batch_size: {batch_size} is larger than the {self.size} samples and "
                 "drop_remainder=True: the dataset would be empty"
             )
-        ds = self._samples_tf_dataset(shuffle=shuffle, seed=seed)
+        spec: Any = {
+            key: tf.TensorSpec(shape, tf.dtypes.as_dtype(self.reader.dtypes[key]))
+            for key, shape in self.reader.patch_shapes.items()
+        }
         if preprocessing_fn is not None:
-            ds = ds.map(preprocessing_fn, num_parallel_calls=tf.data.AUTOTUNE,
-                        deterministic=True)
-            if not isinstance(ds.element_spec, Mapping):
+            # Trace the function once on the sample spec to check what it returns.
+            spec = tf.data.Dataset.from_tensors(
+                {key: tf.zeros(s.shape, s.dtype) for key, s in spec.items()}
+            ).map(preprocessing_fn).element_spec
+            if targets_keys and not isinstance(spec, Mapping):
                 raise InputError(
                     f"preprocessing_fn: {_callable_name(preprocessing_fn)} must return a "
-                    f"dict of tensors, returned {ds.element_spec!r}"
+                    f"dict of tensors when targets_keys is given, returned {spec!r}"
                 )
-        if targets_keys:
-            ds = ds.map(_splitter(ds.element_spec, list(targets_keys), preprocessing_fn),
-                        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        split = _splitter(spec, list(targets_keys), preprocessing_fn) if targets_keys else None
+        transform = _compose(preprocessing_fn, split)
+        ds = self._samples_tf_dataset(shuffle=shuffle, seed=seed, transform=transform)
         return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
 
     def to_tfrecords(
@@ -500,6 +523,19 @@ class DatasetFromPatchesImages:
         records.ds2tfrecord(self, n_samples_per_shard=n_samples_per_shard,
                             drop_remainder=drop_remainder)
         return records.path
+
+
+def _compose(
+    first: Callable[[Any], Any] | None, second: Callable[[Any], Any] | None
+) -> Callable[[Any], Any] | None:
+    """Return ``second ∘ first`` skipping missing steps (one ``tf.data`` map instead of two)."""
+    if first is None or second is None:
+        return first or second
+
+    def both(sample: Any) -> Any:
+        return second(first(sample))
+
+    return both
 
 
 def _callable_name(fn: Callable[..., Any]) -> str:

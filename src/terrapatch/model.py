@@ -1,4 +1,4 @@
-"""ModelBase: build a Keras 3 functional model from a dataset's element spec (OTBTF's ``ModelBase``).
+"""ModelBase: a Keras 3 functional model built from a dataset's element spec (OTBTF's).
 
 A subclass implements :meth:`ModelBase.get_outputs` (and usually
 :meth:`ModelBase.normalize_inputs`); the base class creates one ``keras.Input`` per
@@ -22,7 +22,13 @@ import keras
 
 from terrapatch.errors import InputError, MissingInputError, ModelError
 
-__all__ = ["DEFAULT_INFERENCE_CROPPING", "FunctionalModel", "ModelBase", "cropped_tensor_name", "load_model"]
+__all__ = [
+    "DEFAULT_INFERENCE_CROPPING",
+    "ModelBase",
+    "allow_outputs_without_targets",
+    "cropped_tensor_name",
+    "load_model",
+]
 
 log = logging.getLogger(__name__)
 
@@ -50,33 +56,36 @@ def _inputs_spec(dataset_element_spec: Any) -> Mapping[str, Any]:
     return spec
 
 
-@keras.saving.register_keras_serializable(package="terrapatch")
-class FunctionalModel(keras.Model):
-    """Functional Keras model whose extra outputs need no targets.
+def _outputs_with_targets(y: Any, y_pred: Any) -> Any:
+    """Return the part of ``y_pred`` that has a target in ``y`` (dicts), else ``y_pred``."""
+    if isinstance(y, Mapping) and isinstance(y_pred, Mapping) and set(y) < set(y_pred):
+        return {key: value for key, value in y_pred.items() if key in y}
+    return y_pred
+
+
+def allow_outputs_without_targets(model: keras.Model) -> keras.Model:
+    """Let ``model`` compute its compiled metrics on the outputs that have a target.
 
     Keras 3 requires a target for every output of a multi-output model as soon as
-    metrics are compiled, even when ``metrics`` names only some outputs. Training a
-    :class:`ModelBase` model on ``(inputs, {target: ...})`` therefore computes the loss
-    and metrics on the outputs that have a target, and ignores the others (class
-    ids, features, cropped copies). Built like ``keras.Model(inputs=..., outputs=...)``.
+    metrics are compiled, even when ``metrics`` names only some outputs; a
+    :class:`ModelBase` model has extra outputs (class ids, features, cropped copies)
+    that never have one. This replaces ``compute_metrics`` on this instance only (the
+    loss already ignores outputs without a target): the model stays a plain
+    functional model, so its ``.keras`` files load without terrapatch's model code.
+    :func:`load_model` applies it again when it restores the compiled state.
+
+    Returns
+    -------
+    keras.Model
+        The same model.
     """
+    compute_metrics = model.compute_metrics
 
-    @staticmethod
-    def _outputs_with_targets(y: Any, y_pred: Any) -> Any:
-        if isinstance(y, Mapping) and isinstance(y_pred, Mapping) and set(y) < set(y_pred):
-            return {key: value for key, value in y_pred.items() if key in y}
-        return y_pred
+    def compute_metrics_on_targets(x: Any, y: Any, y_pred: Any, sample_weight: Any = None) -> Any:
+        return compute_metrics(x, y, _outputs_with_targets(y, y_pred), sample_weight)
 
-    def compute_loss(self, x: Any = None, y: Any = None, y_pred: Any = None,
-                     sample_weight: Any = None, training: bool = True) -> Any:
-        """Compute the compiled loss on the outputs that have a target."""
-        return super().compute_loss(x=x, y=y, y_pred=self._outputs_with_targets(y, y_pred),
-                                    sample_weight=sample_weight, training=training)
-
-    def compute_metrics(self, x: Any, y: Any, y_pred: Any, sample_weight: Any = None) -> Any:
-        """Update the compiled metrics on the outputs that have a target."""
-        return super().compute_metrics(x, y, self._outputs_with_targets(y, y_pred),
-                                       sample_weight)
+    model.compute_metrics = compute_metrics_on_targets
+    return model
 
 
 class ModelBase(abc.ABC):
@@ -234,7 +243,8 @@ class ModelBase(abc.ABC):
             raise ModelError(f"postprocess_outputs: keys {clash} already used by get_outputs")
         all_outputs = {**outputs, **extra}
         self._output_keys = list(all_outputs)
-        return FunctionalModel(inputs=inputs, outputs=all_outputs, name=type(self).__name__)
+        model = keras.Model(inputs=inputs, outputs=all_outputs, name=type(self).__name__)
+        return allow_outputs_without_targets(model)
 
     # -- conveniences -----------------------------------------------------------------
 
@@ -286,13 +296,14 @@ def load_model(path: str | os.PathLike[str], safe_mode: bool = True,
     ModelError
         If Keras cannot load it.
     """
-    import terrapatch.layers  # noqa: F401  (registers the layers)
+    import terrapatch.layers  # registers the layers
     import terrapatch.metrics  # noqa: F401  (registers the metrics)
 
     if not os.path.exists(path):
         raise MissingInputError(f"model: file {os.fspath(path)!r} does not exist")
     try:
-        return keras.saving.load_model(path, safe_mode=safe_mode, compile=compile)
+        model = keras.saving.load_model(path, safe_mode=safe_mode, compile=compile)
     except Exception as exc:  # Keras raises ValueError, TypeError, OSError, ...
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"model: cannot load {os.fspath(path)!r}: {first}") from exc
+    return allow_outputs_without_targets(model) if compile else model

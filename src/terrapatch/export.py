@@ -1,0 +1,267 @@
+"""Export a trained ``.keras`` model for serving: TensorFlow SavedModel and ONNX.
+
+Both exports keep the model's names: the inputs are the ``keras.Input`` names (the
+dataset keys, e.g. ``input_10m``) and the outputs are the keys of the dict returned
+by :meth:`terrapatch.model.ModelBase.get_outputs` (e.g. ``estimated_labels``), with
+batch, rows and columns left dynamic. The SavedModel's ``serving_default`` signature
+is what OTBTF's ``TensorflowModelServe`` reads; the ONNX file is converted with
+tf2onnx from the same traced function, so the three agree numerically. Command
+line: ``terrapatch export MODEL.keras --savedmodel DIR --onnx FILE`` (also
+``python -m terrapatch.export``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from terrapatch.errors import (
+    InputError,
+    MissingInputError,
+    ModelError,
+    OutputError,
+    TerrapatchError,
+)
+from terrapatch.writer import atomic_output, check_writable
+
+__all__ = ["export_model", "export_onnx", "export_savedmodel", "main"]
+
+
+def _input_signature(model: Any) -> list[Any]:
+    """Return one ``tf.TensorSpec`` per model input, named after the input."""
+    import tensorflow as tf
+
+    specs = []
+    for tensor in model.inputs:
+        name = tensor.name
+        specs.append(tf.TensorSpec(shape=tuple(tensor.shape), dtype=tensor.dtype, name=name))
+    return specs
+
+
+def _serving_function(model: Any) -> Any:
+    """Return a ``tf.function`` taking the inputs positionally, returning a dict of outputs."""
+    import tensorflow as tf
+
+    specs = _input_signature(model)
+    names = [spec.name for spec in specs]
+    dict_inputs = isinstance(getattr(model, "input", None), dict)
+
+    @tf.function(input_signature=specs)
+    def serve(*args: Any) -> Any:
+        inputs: Any = dict(zip(names, args, strict=True)) if dict_inputs else list(args)
+        if not dict_inputs and len(args) == 1:
+            inputs = args[0]
+        outputs = model(inputs, training=False)
+        if not isinstance(outputs, dict):
+            flat = outputs if isinstance(outputs, list | tuple) else [outputs]
+            outputs = dict(zip(model.output_names, flat, strict=True))
+        return outputs
+
+    return serve
+
+
+@contextlib.contextmanager
+def _atomic_directory(path: Path, parameter: str) -> Iterator[Path]:
+    """Yield a temporary directory beside ``path``; move it to ``path`` on success."""
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputError(f"{parameter}: directory {os.fspath(parent)!r} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"{parameter}: directory {os.fspath(parent)!r} is not writable")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".part", dir=parent))
+    try:
+        yield tmp
+        old = None
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=parent))
+            os.replace(path, old / "previous")
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            if old is not None:
+                os.replace(old / "previous", path)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def export_savedmodel(model: Any, path: str | os.PathLike[str]) -> Path:
+    """Write ``model`` as a TensorFlow SavedModel directory at ``path`` (atomically).
+
+    The ``serving_default`` signature takes the model inputs by name and returns the
+    model outputs by key; an existing directory at ``path`` is replaced.
+    """
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise OutputError(f"savedmodel: {os.fspath(path)!r} exists and is not a directory")
+    import tensorflow as tf
+
+    serve = _serving_function(model)
+    module = tf.Module()
+    module.model = model  # tracks the variables
+    module.serve = serve
+    with _atomic_directory(target, "savedmodel") as tmp:
+        tf.saved_model.save(module, os.fspath(tmp),
+                            signatures={"serving_default": serve.get_concrete_function()})
+    return target
+
+
+def export_onnx(model: Any, path: str | os.PathLike[str], opset: int | None = None) -> Path:
+    """Write ``model`` as an ONNX file at ``path`` (atomically), converted by tf2onnx.
+
+    tf2onnx converts the same traced function as the SavedModel export; terrapatch's
+    :class:`terrapatch.layers.Argmax` uses ``tf.math.argmax`` under TensorFlow, which
+    converts to ONNX ``ArgMax`` (Keras's own argmax adds bit operations ONNX lacks).
+
+    Input names are the model input names, output names the output keys; batch, rows
+    and columns are dynamic.
+
+    Raises
+    ------
+    ModelError
+        If tf2onnx is missing or cannot convert an operation of the model.
+    """
+    try:
+        import tf2onnx
+    except ImportError as exc:
+        raise ModelError(
+            f"onnx: exporting to ONNX needs the tf2onnx package ({exc}); "
+            "install it with `pip install 'tf2onnx>=1.17'`"
+        ) from None
+    serve = _serving_function(model)
+    specs = _input_signature(model)
+    with atomic_output(path, "onnx") as tmp:
+        try:
+            onnx_model, _ = tf2onnx.convert.from_function(
+                serve, input_signature=specs, opset=opset, output_path=os.fspath(tmp)
+            )
+        except Exception as exc:
+            raise ModelError(f"onnx: tf2onnx cannot convert the model: {exc}") from exc
+        _check_onnx_graph(onnx_model)
+    return Path(path)
+
+
+def _check_onnx_graph(onnx_model: Any) -> None:
+    """Fail when tf2onnx left TensorFlow operations it could not convert in the graph."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(onnx_model)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"onnx: the converted graph is invalid: {first}") from exc
+
+
+def export_model(
+    model_path: str | os.PathLike[str],
+    savedmodel: str | os.PathLike[str] | None = None,
+    onnx: str | os.PathLike[str] | None = None,
+    opset: int | None = None,
+) -> dict[str, Path]:
+    """Export a ``.keras`` model to a SavedModel directory and/or an ONNX file.
+
+    Parameters
+    ----------
+    model_path
+        ``.keras`` file (e.g. written by ``keras.callbacks.ModelCheckpoint``); loaded
+        in Keras safe mode with terrapatch's layers and metrics registered.
+    savedmodel
+        Output SavedModel directory (replaced if it exists).
+    onnx
+        Output ONNX file.
+    opset
+        ONNX opset (default: tf2onnx's).
+
+    Returns
+    -------
+    dict
+        ``{"savedmodel": path, "onnx": path}`` for the outputs written.
+
+    Raises
+    ------
+    InputError
+        If neither output is requested.
+    MissingInputError
+        If ``model_path`` does not exist.
+    ModelError
+        If the model cannot be loaded or converted.
+    OutputError
+        If an output cannot be written.
+    """
+    if savedmodel is None and onnx is None:
+        raise InputError("export: give at least one output, savedmodel or onnx")
+    if not os.path.isfile(model_path):
+        raise MissingInputError(f"model: file {os.fspath(model_path)!r} does not exist")
+    if onnx is not None:
+        check_writable(onnx, "onnx")
+    from terrapatch.model import load_model
+
+    model = load_model(model_path)
+    written: dict[str, Path] = {}
+    if savedmodel is not None:
+        written["savedmodel"] = export_savedmodel(model, savedmodel)
+    if onnx is not None:
+        written["onnx"] = export_onnx(model, onnx, opset=opset)
+    return written
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """Argument parser whose usage errors are terrapatch errors (one line, exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise InputError(f"export: {message}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _ArgumentParser(
+        prog="terrapatch export",
+        description="Export a .keras model to a TensorFlow SavedModel and/or an ONNX file.",
+    )
+    parser.add_argument("model", help="input .keras model file")
+    parser.add_argument("--savedmodel", help="output SavedModel directory")
+    parser.add_argument("--onnx", help="output ONNX file")
+    parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: tf2onnx's)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``terrapatch export MODEL.keras [--savedmodel DIR] [--onnx FILE]``.
+
+    Parameters
+    ----------
+    argv
+        Arguments after ``export`` (default: ``sys.argv[1:]``).
+
+    Returns
+    -------
+    int
+        0 on success. Bad input raises :class:`terrapatch.errors.TerrapatchError`.
+    """
+    args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    written = export_model(args.model, savedmodel=args.savedmodel, onnx=args.onnx,
+                           opset=args.opset)
+    for kind, path in written.items():
+        print(f"{kind}: {os.fspath(path)}")
+    return 0
+
+
+def _run_as_script() -> int:
+    try:
+        return main()
+    except TerrapatchError as exc:
+        print(f"terrapatch export: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(_run_as_script())
