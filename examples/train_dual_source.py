@@ -175,6 +175,7 @@ def parse_args(argv):
     parser.add_argument("--synthetic", type=int, default=0, metavar="N",
                         help="train on N generated samples (validation: N/4) instead of files")
     parser.add_argument("--seed", type=int, default=None, help="seed of the sample order")
+    parser.add_argument("--class_nb", type=int, default=class_nb, help="number of classes")
     params = parser.parse_args(argv)
     if not params.synthetic:
         for group in ("train", "valid"):
@@ -187,7 +188,9 @@ def parse_args(argv):
 
 def main(argv=None):
     """Train the model; the best model (lowest validation loss) is saved to --model."""
+    global class_nb
     params = parse_args(argv)
+    class_nb = params.class_nb
     with tempfile.TemporaryDirectory(prefix="terrapatch-synthetic-") as tmp:
         if params.synthetic:
             train_files = write_synthetic_patches(tmp, "a_", params.synthetic, seed=1)

@@ -1,0 +1,178 @@
+"""TensorflowModelServe application: OTBTF's parameter keys over :func:`terrapatch.serve.serve`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from terrapatch.apps._base import App, Param
+from terrapatch.errors import InputError
+from terrapatch.progress import logger
+from terrapatch.raster import Source
+from terrapatch.serve import ServeSummary, serve
+
+_NUMERIC = set("-0123456789.")
+
+
+def parse_user_placeholders(entries: Sequence[str]) -> dict[str, np.ndarray]:
+    """Parse ``model.userplaceholders`` entries the way OTBTF does.
+
+    Each entry is ``name=value``: a scalar gives a tensor of shape ``[1]``, ``(v1, v2,
+    ...)`` a tensor of shape ``[n]``. Values made only of ``-0123456789.`` are numeric
+    (float32 if any has a ``.``, else int32); otherwise each must be ``true`` or
+    ``false`` (bool).
+
+    Examples
+    --------
+    >>> parse_user_placeholders(["scale=0.5", "ids=(1, 2)"])["ids"]
+    array([1, 2], dtype=int32)
+    """
+    values: dict[str, np.ndarray] = {}
+    for entry in entries:
+        name, sep, text = entry.partition("=")
+        name, text = name.strip(), text.strip()
+        if not sep or not name or not text:
+            raise InputError(
+                f"model.userplaceholders: {entry!r} is not of the form name=value, "
+                "name=(v1, v2, ...) or name=true|false"
+            )
+        if text.startswith("(") or text.endswith(")"):
+            if not (text.startswith("(") and text.endswith(")")) or text.count("(") != 1 \
+                    or text.count(")") != 1:
+                raise InputError(
+                    f"model.userplaceholders: {entry!r}: error parsing vector expression "
+                    "(missing parentheses?)"
+                )
+            items = [item.strip() for item in text[1:-1].split(",")]
+        else:
+            items = [text]
+        if any(not item for item in items):
+            raise InputError(f"model.userplaceholders: {entry!r}: empty element")
+        if all(set(item) <= _NUMERIC for item in items):
+            is_float = any("." in item for item in items)
+            try:
+                array = np.array([float(i) if is_float else int(i) for i in items],
+                                 dtype=np.float32 if is_float else np.int32)
+            except ValueError:
+                raise InputError(f"model.userplaceholders: {entry!r}: "
+                                 "not a number") from None
+        elif all(item.lower() in ("true", "false") for item in items):
+            array = np.array([item.lower() == "true" for item in items], dtype=bool)
+        else:
+            raise InputError(
+                f"model.userplaceholders: {entry!r}: values must be numbers or true/false"
+            )
+        values[name] = array
+    return values
+
+
+class TensorflowModelServe(App):
+    """Apply a model to N sources and write the map (OTBTF ``TensorflowModelServe``).
+
+    Examples
+    --------
+    >>> from terrapatch.apps import TensorflowModelServe  # doctest: +SKIP
+    >>> TensorflowModelServe(
+    ...     n_sources=2,
+    ...     source1_il="s2_10m.tif", source1_rfieldx=16, source1_rfieldy=16,
+    ...     source1_placeholder="input_10m",
+    ...     source2_il="s2_20m.tif", source2_rfieldx=8, source2_rfieldy=8,
+    ...     source2_placeholder="input_20m",
+    ...     model_dir="model_savedmodel", model_fullyconv=True,
+    ...     output_names="estimated_labels", output_spcscale=2,
+    ... ).write("map.tif", pixel_type="uint8", ext_fname="box=2000:2000:500:500")
+    """
+
+    name = "TensorflowModelServe"
+    description = ("apply a deep learning model (SavedModel, .keras or ONNX) to N sources, "
+                   "patch-based or fully-convolutional, and write a GeoTIFF map")
+    primary_output = "out"
+    source_params = (
+        Param("il", "paths", "input image(s), stacked as bands", required=True),
+        Param("rfieldx", "int", "receptive field width in this source's pixels "
+              "(default: derived from the model)"),
+        Param("rfieldy", "int", "receptive field height (default: rfieldx, or derived)"),
+        Param("placeholder", "str", "model input fed by this source "
+              "(default: the free inputs in alphabetical order)"),
+        Param("nodata", "float", "skip tiles whose input from this source is entirely this "
+              "value (filled with output.bv)"),
+    )
+    params = (
+        Param("model.dir", "path", "SavedModel directory, .keras file or .onnx file",
+              required=True),
+        Param("model.userplaceholders", "strs", "extra model inputs: name=value, "
+              "name=(v1, v2...), name=true|false"),
+        Param("model.fullyconv", "bool", "fully-convolutional mode (one tensor per tile)",
+              default=False),
+        Param("model.tagsets", "strs", "SavedModel tags (accepted for compatibility; the "
+              "serving signature is used)"),
+        Param("output.names", "strs", "model outputs stacked as bands "
+              "(default: first output in alphabetical order)"),
+        Param("output.spcscale", "float", "output spacing in source-1 pixels (integer)",
+              default=1.0),
+        Param("output.efieldx", "int", "expression field width (default: derived from the "
+              "model in fully-convolutional mode, 1 otherwise)"),
+        Param("output.efieldy", "int", "expression field height (default: efieldx)"),
+        Param("output.bv", "float", "value of skipped (no-data) tiles; also the output "
+              "nodata", default=0.0),
+        Param("optim.disabletiling", "bool", "compute the whole output as one tile",
+              default=False),
+        Param("optim.tilesizex", "int", "tile width in output pixels (default 256 "
+              "fully-convolutional, 64 patch-based)"),
+        Param("optim.tilesizey", "int", "tile height (default: tilesizex)"),
+        Param("out", "out", "output map", required=True, pixel_type="float32"),
+    )
+
+    def run(self) -> ServeSummary:
+        """Serve the model."""
+        sources = []
+        for k in range(1, self.n_sources + 1):
+            il = self.source(k, "il")
+            if not il:
+                continue
+            rx, ry = self.source(k, "rfieldx"), self.source(k, "rfieldy")
+            if rx is None and ry is not None:
+                raise InputError(f"source{k}.rfieldx: missing, but source{k}.rfieldy is given")
+            sources.append(Source(il, patch_size=None if rx is None else (rx, ry or rx),
+                                  nodata=self.source(k, "nodata"),
+                                  placeholder=self.source(k, "placeholder"),
+                                  name=f"source{k}"))
+        if not sources:
+            raise InputError("source1.il: missing mandatory parameter of TensorflowModelServe")
+        spcscale = self.get("output.spcscale")
+        if float(spcscale) != int(spcscale) or spcscale < 1:
+            raise InputError(
+                f"output.spcscale: {spcscale:g} is not a positive integer (terrapatch keeps "
+                "the output grid on source-1 grid lines)"
+            )
+        ex, ey = self.get("output.efieldx"), self.get("output.efieldy")
+        if ex is None and ey is not None:
+            raise InputError("output.efieldx: missing, but output.efieldy is given")
+        tx, ty = self.get("optim.tilesizex"), self.get("optim.tilesizey")
+        if tx is None and ty is not None:
+            tx = ty
+        if self.get("model.tagsets"):
+            logger.info("model.tagsets ignored: the SavedModel's serving signature is used")
+        if getattr(self, "scheduler", None) is not None or getattr(self, "workers", None):
+            logger.warning("TensorflowModelServe runs locally; scheduler/workers are ignored")
+        out = self.output("out")
+        assert out is not None  # required parameter, checked by App
+        placeholders = parse_user_placeholders(self.get("model.userplaceholders") or ())
+        return serve(
+            sources,
+            self.get("model.dir"),
+            out.path,
+            output_names=list(self.get("output.names") or ()),
+            fullyconv=bool(self.get("model.fullyconv")),
+            spcscale=int(spcscale),
+            efield=None if ex is None else (ex, ey or ex),
+            tile_size=None if tx is None else (tx, ty or tx),
+            box=out.ext.box,
+            pixel_type=out.pixel_type,
+            background=float(self.get("output.bv")),
+            creation_options=out.ext.creation_options or None,
+            quiet=self.quiet,
+            user_placeholders=placeholders,
+            disable_tiling=bool(self.get("optim.disabletiling")),
+        )
