@@ -1,8 +1,8 @@
 """Step 1: two-source patch extraction (10 m patches 16 × 16, 20 m patches 8 × 8), pyotb style."""
 
-from terrapatch import apps as pyotb
-
 from paths import img_10m, img_20m, pos_a, pos_b, prefix_a, prefix_b
+
+from terrapatch import apps as pyotb
 
 for vec, prefix in ((pos_a, prefix_a), (pos_b, prefix_b)):
     pyotb.PatchesExtraction(

@@ -4,8 +4,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import savedmodel  # noqa: E402
+from paths import model_keras
+from paths import savedmodel as savedmodel_dir
 
-from paths import model_keras, savedmodel as savedmodel_dir  # noqa: E402
+import savedmodel
 
 sys.exit(savedmodel.main(["--model", model_keras, "--savedmodel", savedmodel_dir]))

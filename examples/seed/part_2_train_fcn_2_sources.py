@@ -7,9 +7,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import train_dual_source  # noqa: E402
+from paths import CLASS_NB, logs, model_keras, prefix_a, prefix_b
 
-from paths import CLASS_NB, logs, model_keras, prefix_a, prefix_b  # noqa: E402
+import train_dual_source
 
 argv = ["--model", model_keras, "--log_dir", logs, "--class_nb", str(CLASS_NB), "--seed", "0",
         "--train_10m", prefix_a + "img_10m_2src.tif", "--train_20m", prefix_a + "img_20m_2src.tif",

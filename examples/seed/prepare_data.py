@@ -8,8 +8,8 @@ drawn inside OSM land-use polygons (balanced per class, random inside 20 m pixel
 
 import numpy as np
 import rasterio
-
 from paths import CLASS_NB, OSM, S2, img_10m, img_20m, pos_a, pos_b
+
 from terrapatch.sampling import sample_polygons
 from terrapatch.vector import write_points
 

@@ -52,3 +52,39 @@ def coordinate_raster(
     """
     rows, cols = np.mgrid[0:height, 0:width]
     return write_raster(path, np.stack([cols, rows]).astype(dtype), transform, crs, **options)
+
+
+_GDAL_TYPES = {"uint8": "Byte", "int8": "Int8", "uint16": "UInt16", "int16": "Int16",
+               "uint32": "UInt32", "int32": "Int32", "float32": "Float32",
+               "float64": "Float64"}
+
+
+def mosaic_vrt(src: str | os.PathLike[str], reps: int, path: str | os.PathLike[str]) -> Path:
+    """Write a GDAL VRT repeating ``src`` ``reps × reps`` times: a large raster for free.
+
+    The VRT keeps ``src``'s origin, spacing, CRS, bands and nodata; GDAL recognises it
+    by its content, so ``path`` may end in ``.tif`` as a stand-in for a big image.
+    """
+    src = Path(src).resolve()
+    with rasterio.open(src) as ds:
+        width, height, count = ds.width, ds.height, ds.count
+        gdal_type = _GDAL_TYPES[ds.dtypes[0]]
+        t, crs, nodata = ds.transform, ds.crs, ds.nodata
+    bands = []
+    for b in range(1, count + 1):
+        sources = "".join(
+            f'<SimpleSource><SourceFilename relativeToVRT="0">{src}</SourceFilename>'
+            f"<SourceBand>{b}</SourceBand>"
+            f'<SrcRect xOff="0" yOff="0" xSize="{width}" ySize="{height}"/>'
+            f'<DstRect xOff="{i * width}" yOff="{j * height}" xSize="{width}" '
+            f'ySize="{height}"/></SimpleSource>'
+            for j in range(reps) for i in range(reps))
+        nd = f"<NoDataValue>{nodata}</NoDataValue>" if nodata is not None else ""
+        bands.append(f'<VRTRasterBand dataType="{gdal_type}" band="{b}">{nd}{sources}'
+                     "</VRTRasterBand>")
+    srs = f"<SRS>{crs.to_wkt()}</SRS>" if crs is not None else ""
+    xml = (f'<VRTDataset rasterXSize="{width * reps}" rasterYSize="{height * reps}">{srs}'
+           f"<GeoTransform>{t.c}, {t.a}, {t.b}, {t.f}, {t.d}, {t.e}</GeoTransform>"
+           + "".join(bands) + "</VRTDataset>")
+    Path(path).write_text(xml)
+    return Path(path)

@@ -1,0 +1,27 @@
+"""Step 4d: fully-convolutional, sources switched: 10 m source 1, spcscale 2.
+
+spcscale 2 is required here: the model halves the 10 m grid.
+"""
+
+from _inference import BOX, parse
+from paths import img_10m, img_20m
+
+from terrapatch import apps as pyotb
+
+params = parse(__doc__, "map_2_sources_fcn_switched.tif")
+infer = pyotb.TensorflowModelServe(
+    n_sources=2,
+    source1_il=img_10m,
+    source1_rfieldx=16,
+    source1_rfieldy=16,
+    source1_placeholder="input_10m",
+    source2_il=img_20m,
+    source2_rfieldx=8,
+    source2_rfieldy=8,
+    source2_placeholder="input_20m",
+    model_dir=params.savedmodel,
+    model_fullyconv=True,
+    output_spcscale=2,
+    output_names="estimated_labels",
+)
+infer.write(params.out, pixel_type="uint8", ext_fname=BOX)
