@@ -81,7 +81,7 @@ def scores_table(results: Mapping[str, ClassScores]) -> str:
     for label, attr in (("overall accuracy", "overall_accuracy"), ("kappa", "kappa"),
                         ("macro F1", "macro_f1")):
         cells = " | ".join(f" | | {getattr(s, attr):.3f}" for s in results.values())
-        lines.append(f"| **{label}** | {cells.lstrip(' |')} |")
+        lines.append(f"| **{label}** |{cells} |")
     return "\n".join(lines)
 
 
@@ -117,15 +117,14 @@ def quicklook(
     if nodata is not None:
         valid &= data != nodata
     rgb[valid] = colors[data[valid].astype(np.int64)]
-    fig, ax = plt.subplots(figsize=(7, 6), dpi=100)
+    fig, ax = plt.subplots(figsize=(8, 6), dpi=100)
     ax.imshow(rgb, interpolation="nearest")
     ax.set_axis_off()
     ax.set_title(title or Path(map_path).name)
     handles = [Patch(color=colors[i] / 255, label=f"{i} {n}") for i, n in enumerate(class_names)]
     ax.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
-    fig.tight_layout()
     with atomic_output(png_path, "quicklook") as tmp:
-        fig.savefig(tmp, format="png")
+        fig.savefig(tmp, format="png", bbox_inches="tight")
     plt.close(fig)
     return Path(png_path)
 

@@ -101,11 +101,6 @@ class L2Norm(keras.layers.Layer):
         return (*tuple(input_shape)[:-1], 1)
 
 
-def _conv(x: Any, depth: int, kernel: int, name: str, activation: str = "relu") -> Any:
-    return keras.layers.Conv2D(depth, kernel, strides=1, activation=activation,
-                               padding="valid", name=name)(x)
-
-
 def seed_model(class_nb: int = SEED_CLASSES, seed: int = 0, scale: float = 1e-4) -> keras.Model:
     """The seed's DualSrcFCNNModel as a plain functional model with random weights.
 
@@ -125,7 +120,7 @@ def seed_model(class_nb: int = SEED_CLASSES, seed: int = 0, scale: float = 1e-4)
     scale
         Input scaling of the seed's ``normalize_inputs`` (1e-4 for reflectance DN).
     """
-    from terrapatch.layers import Argmax
+    from terrapatch.zoo import dual_source_outputs
 
     keras.utils.set_random_seed(seed)
     inp1 = keras.Input((None, None, 4), name="input_10m")
@@ -133,25 +128,10 @@ def seed_model(class_nb: int = SEED_CLASSES, seed: int = 0, scale: float = 1e-4)
     net1 = keras.layers.Rescaling(scale, name="normalize_10m")(inp1)
     net2 = keras.layers.Rescaling(scale, name="normalize_20m")(inp2)
 
-    net1 = _conv(net1, 16, 5, "conv11")
-    net1 = _conv(net1, 16, 3, "conv12")
-    net1 = _conv(net1, 16, 3, "conv13")
-    net1 = _conv(net1, 32, 3, "conv14")
-    net1 = _conv(net1, 32, 3, "conv15")
-    net1 = keras.layers.MaxPool2D(pool_size=(2, 2), name="pool")(net1)
-    net1 = _conv(net1, 32, 2, "feats1")
-
-    net2 = _conv(net2, 32, 3, "conv21")
-    net2 = _conv(net2, 32, 3, "conv22")
-    net2 = _conv(net2, 32, 3, "conv23")
-    net2 = _conv(net2, 32, 2, "feats2")
-
-    net = keras.layers.Concatenate(name="feats", axis=-1)([net1, net2])
-    estim = _conv(net, class_nb, 1, "softmax_layer", activation="softmax")
-    labels = Argmax(name="argmax_layer")(estim)
+    outputs = dual_source_outputs(net1, net2, class_nb)
     return keras.Model(
         inputs={"input_10m": inp1, "input_20m": inp2},
-        outputs={"estimated": estim, "estimated_labels": labels, "features": net},
+        outputs=outputs,
         name="DualSrcFCNNModel",
     )
 
