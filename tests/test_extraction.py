@@ -235,28 +235,38 @@ def test_nodata_in_band_two_only_drops_exactly_the_samples_covering_it(tmp_path)
     assert summary.n_collected == len(centres)
 
 
-def test_nan_nodata_never_matches(tmp_path):
+def test_nan_nodata_matches_nan_pixels(tmp_path):
+    # Deliberate difference from OTBTF (where a NaN nodata never matches): NaN pixels
+    # are missing data, as in GDAL and in terrapatch's selection and serving.
     data = np.ones((1, 20, 20), np.float32)
     data[0, 5:15, 5:15] = np.nan
     img = write_raster(tmp_path / "img.tif", data, Affine(10, 0, L, 0, -10, T), crs=CRS)
-    vec = points(tmp_path / "p.geojson", [L + 105.0, L + 35.0], [T - 105.0, T - 35.0], [1, 2])
+    vec = points(tmp_path / "p.geojson", [L + 105.0, L + 35.0, L + 145.0],
+                 [T - 105.0, T - 35.0, T - 145.0], [1, 2, 3])
     summary = extract_patches([Source(img, 4, nodata=float("nan"))], vec, "class",
                               [tmp_path / "o.tif"], quiet=True)
-    assert summary.n_collected == 2
-    assert summary.rejected_nodata == {"source1": 0}
-    assert np.isnan(read_patches(tmp_path / "o.tif")[0]).all()
+    assert summary.rejected_nodata == {"source1": 2}  # the two patches touching the NaN block
+    assert summary.n_collected == 1
+    assert not np.isnan(read_patches(tmp_path / "o.tif")).any()
 
 
-def test_nodata_is_compared_in_float32(tmp_path):
-    data = np.full((1, 20, 20), 2.0, np.float64)
-    data[0, 3, 3] = 1.0 + 1e-9   # equals 1.0 in float32 → nodata
-    data[0, 3, 15] = 1.0 + 1e-6  # differs from 1.0 in float32 → valid
+def test_nodata_is_compared_in_the_raster_type(tmp_path):
+    # float32 raster: nodata 0.1 (a float64) matches pixels holding float32(0.1).
+    data = np.full((1, 20, 20), 2.0, np.float32)
+    data[0, 3, 3] = 0.1
     img = write_raster(tmp_path / "img.tif", data, Affine(10, 0, L, 0, -10, T), crs=CRS)
     vec = points(tmp_path / "p.geojson", [L + 35.0, L + 155.0], [T - 35.0, T - 35.0], [1, 2])
-    summary = extract_patches([Source(img, 3, nodata=1.0)], vec, "class", [tmp_path / "o.tif"],
+    summary = extract_patches([Source(img, 3, nodata=0.1)], vec, "class", [tmp_path / "o.tif"],
                               labels_out=tmp_path / "l.tif", quiet=True)
     assert summary.rejected_nodata == {"source1": 1}
     assert read_band(tmp_path / "l.tif").ravel().tolist() == [2]
+    # float64 raster: compared exactly in float64 (OTBTF would round both to float32).
+    data64 = np.full((1, 20, 20), 2.0, np.float64)
+    data64[0, 3, 3] = 1.0 + 1e-9
+    img64 = write_raster(tmp_path / "img64.tif", data64, Affine(10, 0, L, 0, -10, T), crs=CRS)
+    summary = extract_patches([Source(img64, 3, nodata=1.0)], vec, "class",
+                              [tmp_path / "o.tif"], quiet=True)
+    assert summary.rejected_nodata == {"source1": 0}
 
 
 def test_integer_nodata_matches_integer_rasters(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -201,3 +202,22 @@ def test_extraction_failure_on_last_output_leaves_no_output(tmp_path, monkeypatc
                            [out / "p.tif"], labels_out=out / "l.tif",
                            points_out=out / "pts.gpkg", quiet=True)
     assert list(out.iterdir()) == []
+
+
+def test_outputs_get_umask_permissions_and_write_failures_are_output_errors(tmp_path):
+    from terrapatch.writer import atomic_directory, atomic_output
+
+    old = os.umask(0o022)
+    try:
+        with atomic_output(tmp_path / "a.txt", "out") as tmp:
+            tmp.write_text("x")
+        with atomic_directory(tmp_path / "d", "savedmodel") as tmp:
+            (tmp / "f").write_text("y")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755
+    with pytest.raises(OutputError, match=r"out: cannot write .*b.txt.*No space left"), \
+            atomic_output(tmp_path / "b.txt", "out"):
+        raise OSError(28, "No space left on device")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "d"]

@@ -13,12 +13,9 @@ line: ``terrapatch export MODEL.keras --savedmodel DIR --onnx FILE`` (also
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import shutil
 import sys
-import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -26,10 +23,9 @@ from terrapatch.errors import (
     InputError,
     MissingInputError,
     ModelError,
-    OutputError,
     TerrapatchError,
 )
-from terrapatch.writer import atomic_output, check_writable
+from terrapatch.writer import atomic_directory, atomic_output, check_writable
 
 __all__ = ["export_model", "export_onnx", "export_savedmodel", "main"]
 
@@ -67,34 +63,6 @@ def _serving_function(model: Any) -> Any:
     return serve
 
 
-@contextlib.contextmanager
-def _atomic_directory(path: Path, parameter: str) -> Iterator[Path]:
-    """Yield a temporary directory beside ``path``; move it to ``path`` on success."""
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise OutputError(f"{parameter}: directory {os.fspath(parent)!r} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise OutputError(f"{parameter}: directory {os.fspath(parent)!r} is not writable")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".part", dir=parent))
-    try:
-        yield tmp
-        old = None
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=parent))
-            os.replace(path, old / "previous")
-        try:
-            os.replace(tmp, path)
-        except BaseException:
-            if old is not None:
-                os.replace(old / "previous", path)
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def export_savedmodel(model: Any, path: str | os.PathLike[str]) -> Path:
     """Write ``model`` as a TensorFlow SavedModel directory at ``path`` (atomically).
 
@@ -102,15 +70,13 @@ def export_savedmodel(model: Any, path: str | os.PathLike[str]) -> Path:
     model outputs by key; an existing directory at ``path`` is replaced.
     """
     target = Path(path)
-    if target.exists() and not target.is_dir():
-        raise OutputError(f"savedmodel: {os.fspath(path)!r} exists and is not a directory")
     import tensorflow as tf
 
     serve = _serving_function(model)
     module = tf.Module()
     module.model = model  # tracks the variables
     module.serve = serve
-    with _atomic_directory(target, "savedmodel") as tmp:
+    with atomic_directory(target, "savedmodel") as tmp:
         tf.saved_model.save(module, os.fspath(tmp),
                             signatures={"serving_default": serve.get_concrete_function()})
     return target

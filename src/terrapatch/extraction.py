@@ -31,7 +31,7 @@ from terrapatch.errors import InputError, NoSamplesError
 from terrapatch.geometry import Layout, extraction_factor
 from terrapatch.patches import write_patches_image
 from terrapatch.progress import logger, progress_bar
-from terrapatch.raster import Source, SourceReader, patches_from_region
+from terrapatch.raster import Source, SourceReader, nodata_mask, patches_from_region
 from terrapatch.vector import PointSet, read_points, vector_driver, write_points
 from terrapatch.writer import check_writable, output_group, pixel_dtype
 
@@ -328,7 +328,8 @@ def extract_patches(
 
     grids = [s.grid for s in sources]
     layout = Layout(tuple(grids), tuple(s.patch_size for s in sources),  # type: ignore[misc]
-                    factor=factor if factor is not None else extraction_factor(grids))
+                    factor=factor if factor is not None else extraction_factor(grids),
+                    factor_key="grid.factor")
     points = vector if isinstance(vector, PointSet) else read_points(
         vector, field, crs=grids[0].crs, reproject=reproject)
     n = len(points)
@@ -410,19 +411,6 @@ def extract_patches(
 
 
 def _contains(patches: np.ndarray, nodata: float) -> np.ndarray:
-    """Per patch: whether any value of any band equals ``nodata``.
-
-    Integer rasters are compared exactly in their own type (OTBTF compares in float32,
-    which confuses values above 2**24); a nodata value that the type cannot hold never
-    matches. Float rasters are compared in float32, and a NaN nodata never matches.
-    """
-    if np.isnan(nodata):
-        return np.zeros(patches.shape[0], dtype=bool)
-    if patches.dtype.kind in "iu":
-        info = np.iinfo(patches.dtype)
-        if not float(nodata).is_integer() or not info.min <= nodata <= info.max:
-            return np.zeros(patches.shape[0], dtype=bool)
-        hits = patches == patches.dtype.type(int(nodata))
-    else:
-        hits = patches.astype(np.float32, copy=False) == np.float32(nodata)
+    """Per patch: whether any value of any band equals ``nodata`` (see :func:`nodata_mask`)."""
+    hits = nodata_mask(patches, nodata)
     return hits.reshape(hits.shape[0], -1).any(axis=1)

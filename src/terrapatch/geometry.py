@@ -150,10 +150,6 @@ class Grid:
         rows = floor_index((self.y0 - np.asarray(y, dtype=np.float64)) / sy)
         return cols, rows
 
-    def subgrid(self, col_off: int, row_off: int, width: int, height: int) -> Grid:
-        """The grid of a pixel window of this grid (same spacing and CRS)."""
-        transform = self.transform @ Affine.translation(col_off, row_off)
-        return Grid(transform, width, height, self.crs, self.name)
 
 
 def check_same_crs(grids: Sequence[Grid]) -> None:
@@ -230,12 +226,15 @@ class Layout:
         G spacing in source-1 pixels (``spcscale`` when serving); a positive integer.
     efield
         Expression field ``(ex, ey)``: output pixels emitted per input window.
+    factor_key
+        Parameter name of ``factor`` in error messages (``grid.factor`` when extracting).
     """
 
     grids: tuple[Grid, ...]
     fields: tuple[tuple[int, int], ...]
     factor: int = 1
     efield: tuple[int, int] = (1, 1)
+    factor_key: str = field(default="output.spcscale", compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "grids", tuple(self.grids))
@@ -248,8 +247,8 @@ class Layout:
             )
         if isinstance(self.factor, bool) or not float(self.factor).is_integer() or self.factor < 1:
             raise InputError(
-                f"output.spcscale: {self.factor!r} is not a positive integer "
-                "(terrapatch keeps the output grid on source-1 grid lines)"
+                f"{self.factor_key}: {self.factor!r} is not a positive integer "
+                "(terrapatch keeps the sampling grid on source-1 grid lines)"
             )
         object.__setattr__(self, "factor", int(self.factor))
         for g, (rx, ry) in zip(self.grids, self.fields, strict=True):

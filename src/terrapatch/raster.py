@@ -46,8 +46,9 @@ def _as_pair(
     return pair
 
 
-def _is_remote(path: str) -> bool:
-    return path.startswith(("/vsi", "http://", "https://", "s3://", "gs://"))
+def is_remote(path: str) -> bool:
+    """Whether ``path`` is a GDAL virtual or remote path (``/vsi…``, ``http(s)://``, ``s3://``…)."""
+    return path.startswith("/vsi") or "://" in path
 
 
 @dataclass(frozen=True)
@@ -91,9 +92,11 @@ class Source:
         size_keys: tuple[str, str] = ("patchsizex", "patchsizey"),
     ) -> None:
         if isinstance(path_or_paths, str | os.PathLike):
-            paths: tuple[str, ...] = (os.fspath(path_or_paths),)
+            given: tuple[str, ...] = (os.fspath(path_or_paths),)
         else:
-            paths = tuple(os.fspath(p) for p in path_or_paths)
+            given = tuple(os.fspath(p) for p in path_or_paths)
+        # Absolute paths, so the source means the same files in Dask workers.
+        paths = tuple(p if is_remote(p) else os.path.abspath(p) for p in given)
         if not paths:
             raise InputError(f"{name}.il: no image given")
         self.paths = paths
@@ -111,7 +114,7 @@ class Source:
     def _files(self) -> tuple[_FileInfo, ...]:
         infos = []
         for path in self.paths:
-            if not _is_remote(path) and not Path(path).exists():
+            if not is_remote(path) and not Path(path).exists():
                 raise MissingInputError(f"{self.name}.il: file {path!r} does not exist")
             try:
                 with rasterio.open(path) as ds:
@@ -174,9 +177,18 @@ class SourceReader:
 
     def __init__(self, source: Source) -> None:
         self.source = source
-        self._datasets = [rasterio.open(p) for p in source.paths]
         self.dtype = source.dtype
         self.bands = source.bands
+        self._datasets: list[rasterio.io.DatasetReader] = []
+        try:
+            for path in source.paths:
+                self._datasets.append(rasterio.open(path))
+        except RasterioIOError as exc:
+            self.close()
+            raise InputError(f"{source.name}.il: cannot open {path!r} ({exc})") from None
+        except BaseException:
+            self.close()
+            raise
 
     def read(self, window: Window) -> np.ndarray:
         """Read a window (inside the raster) of every band, stacked in list order."""
@@ -224,3 +236,24 @@ def patches_from_region(
     # view: (bands, R-ry+1, C-rx+1, ry, rx)
     picked = view[:, row_offsets, col_offsets]  # (bands, n, ry, rx)
     return np.ascontiguousarray(picked.transpose(1, 2, 3, 0))
+
+
+def nodata_mask(values: np.ndarray, nodata: float) -> np.ndarray:
+    """Where ``values`` equal ``nodata``, compared in the array's own type.
+
+    NaN matches NaN. A nodata value that an integer type cannot hold (negative for
+    unsigned, fractional, out of range) never matches, and large integers are compared
+    exactly (OTBTF compares in float32, which confuses values above 2**24).
+    """
+    if np.isnan(nodata):
+        if values.dtype.kind == "f":
+            return np.isnan(values)
+        return np.zeros(values.shape, dtype=bool)
+    if values.dtype.kind in "iu":
+        info = np.iinfo(values.dtype)
+        if not float(nodata).is_integer() or not info.min <= nodata <= info.max:
+            return np.zeros(values.shape, dtype=bool)
+        return np.asarray(values == values.dtype.type(int(nodata)))
+    if values.dtype.kind == "b":
+        return np.asarray(values == bool(nodata))
+    return np.asarray(values == values.dtype.type(nodata))

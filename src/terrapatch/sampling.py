@@ -48,6 +48,7 @@ from rasterio.windows import Window
 from terrapatch.errors import GeometryError, InputError, MissingInputError, NoSamplesError
 from terrapatch.geometry import Grid, crs_label
 from terrapatch.progress import logger, progress_bar
+from terrapatch.raster import is_remote, nodata_mask
 from terrapatch.vector import read_layers, write_points
 from terrapatch.writer import atomic_output, check_writable
 
@@ -316,7 +317,7 @@ class _RasterInfo:
 
 def _open_info(path: PathLike, parameter: str) -> _RasterInfo:
     text = os.fspath(path)
-    if not text.startswith(("/vsi", "http://", "https://")) and not Path(text).exists():
+    if not is_remote(text) and not Path(text).exists():
         raise MissingInputError(f"{parameter}: file {text!r} does not exist")
     try:
         with rasterio.open(text) as ds:
@@ -344,17 +345,6 @@ def _check_same_grid(ref: _RasterInfo, other: _RasterInfo) -> None:
         logger.warning("%s: %s has the grid of %s but a different CRS tag (%s vs %s); using "
                        "it as on the same grid", other.parameter, other.path, ref.path,
                        crs_label(b.crs), crs_label(a.crs))
-
-
-def _equals(values: np.ndarray, value: float) -> np.ndarray:
-    """Where ``values == value``, compared in the array's own type (NaN matches NaN)."""
-    if math.isnan(value):
-        return np.isnan(values) if values.dtype.kind == "f" else np.zeros(values.shape, bool)
-    if values.dtype.kind in "iub":
-        info = np.iinfo(values.dtype) if values.dtype.kind != "b" else None
-        if not float(value).is_integer() or (info and not info.min <= value <= info.max):
-            return np.zeros(values.shape, dtype=bool)
-    return np.asarray(values == values.dtype.type(value), dtype=bool)
 
 
 def _integer_labels(values: np.ndarray, valid: np.ndarray, parameter: str) -> np.ndarray:
@@ -396,7 +386,7 @@ def _row_strips(height: int, width: int, bytes_per_pixel: int) -> list[tuple[int
 
 def _pixel_valid(data: np.ndarray, nodata: float) -> np.ndarray:
     """OTBTF selection rule: a pixel is invalid only if all its bands equal ``nodata``."""
-    return np.asarray(~np.logical_and.reduce(_equals(data, nodata), axis=0), dtype=bool)
+    return np.asarray(~np.logical_and.reduce(nodata_mask(data, nodata), axis=0), dtype=bool)
 
 
 def _pixel_centres(grid: Grid, cols: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -713,7 +703,7 @@ def _scan_grid(info: _RasterInfo, sx: np.ndarray, sy: np.ndarray, psize: tuple[i
                     raw = datasets["label"].read(1, window=window)
                     lab_ok = np.ones(raw.shape, dtype=bool)
                     if label_info.nodata is not None:
-                        lab_ok &= ~_equals(raw, label_info.nodata)
+                        lab_ok &= ~nodata_mask(raw, label_info.nodata)
                     if raw.dtype.kind == "f":
                         lab_ok &= ~np.isnan(raw)
                     lab = _integer_labels(raw, lab_ok, label_info.parameter)
@@ -764,7 +754,7 @@ def _label_values(info: _RasterInfo) -> np.ndarray:
             raw = ds.read(1, window=Window(0, r0, ds.width, r1 - r0))
             ok = np.ones(raw.shape, dtype=bool)
             if info.nodata is not None:
-                ok &= ~_equals(raw, info.nodata)
+                ok &= ~nodata_mask(raw, info.nodata)
             if raw.dtype.kind == "f":
                 ok &= ~np.isnan(raw)
             found.update(np.unique(_integer_labels(raw, ok, info.parameter)[ok]).tolist())
@@ -1003,7 +993,7 @@ def _label_strips(info: _RasterInfo, pad: int, nodata: float | None,
             valid = np.ones(raw.shape, dtype=bool)
             for value in (nodata, info.nodata):
                 if value is not None:
-                    valid &= ~_equals(raw, value)
+                    valid &= ~nodata_mask(raw, value)
             if raw.dtype.kind == "f":
                 valid &= ~np.isnan(raw)
             yield pad + r0, _integer_labels(raw, valid, "inref"), valid, None

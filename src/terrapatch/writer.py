@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -17,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from terrapatch.errors import InputError, OutputError
+from terrapatch.errors import InputError, OutputError, TerrapatchError
 
 #: OTB pixel type names (and numpy spellings) → numpy dtypes.
 PIXEL_TYPES: dict[str, np.dtype] = {
@@ -169,12 +171,36 @@ def check_writable(path: str | os.PathLike[str], parameter: str) -> Path:
     return target
 
 
+def _umask() -> int:
+    """The process umask, read without changing it (os.umask is racy with threads)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
+
+
+def _cannot_write(exc: BaseException, path: str | os.PathLike[str], parameter: str) -> OutputError:
+    return OutputError(f"{parameter}: cannot write {os.fspath(path)!r} ({exc})")
+
+
+def _is_write_failure(exc: BaseException) -> bool:
+    from rasterio.errors import RasterioError
+
+    return isinstance(exc, OSError | RasterioError) and not isinstance(exc, TerrapatchError)
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike[str], parameter: str = "out") -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it to ``path`` only on success.
 
     On any exception (including KeyboardInterrupt) the temporary file is removed and
-    the final path is left untouched.
+    the final path is left untouched; I/O failures (disk full, permission) become an
+    :class:`OutputError` naming ``parameter``. The file gets the usual permissions
+    (``0o666`` minus the umask), not the private mode of temporary files.
     """
     target = check_writable(path, parameter)
     fd, tmp_name = tempfile.mkstemp(
@@ -188,10 +214,50 @@ def atomic_output(path: str | os.PathLike[str], parameter: str = "out") -> Itera
             leftover = Path(str(tmp) + sidecar)
             if leftover.exists():
                 leftover.unlink()
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        if _is_write_failure(exc):
+            raise _cannot_write(exc, path, parameter) from exc
+        raise
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike[str], parameter: str = "out") -> Iterator[Path]:
+    """Yield a temporary directory beside ``path``; move it to ``path`` on success.
+
+    An existing directory at ``path`` is replaced only once the new one is complete.
+    """
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise OutputError(f"{parameter}: {os.fspath(path)!r} exists and is not a directory")
+    parent = target.parent if str(target.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputError(f"{parameter}: directory {os.fspath(parent)!r} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"{parameter}: directory {os.fspath(parent)!r} is not writable")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".part", dir=parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())
+        old = None
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=parent))
+            os.replace(target, old / "previous")
+        try:
+            os.replace(tmp, target)
+        except BaseException:
+            if old is not None:
+                os.replace(old / "previous", target)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if _is_write_failure(exc):
+            raise _cannot_write(exc, path, parameter) from exc
         raise
 
 
@@ -237,34 +303,44 @@ def geotiff_profile(
 
 
 @contextlib.contextmanager
-def output_group() -> Iterator[Callable[[str | os.PathLike[str]], Path]]:
+def output_group() -> Iterator[Callable[..., Path]]:
     """Commit several outputs together: all appear under their final names, or none does.
 
-    Yields ``stage(path) -> pending_path``: write each output to its pending path (a
-    hidden name beside it, same extension). When the block ends without error every
-    pending file (and its sidecars, e.g. a shapefile's ``.dbf``) is renamed to its final
-    name; on error they are all removed.
+    Yields ``stage(path, parameter="out") -> pending_path``: write each output to its
+    pending path (a hidden name unique to this group, same extension). When the block
+    ends without error every pending file (and its sidecars, e.g. a shapefile's
+    ``.dbf``) is renamed to its final name; on error they are all removed, and I/O
+    failures become an :class:`OutputError` naming the output's parameter.
     """
-    staged: list[tuple[Path, Path]] = []
+    token = secrets.token_hex(4)
+    staged: list[tuple[Path, Path, str]] = []
 
-    def stage(path: str | os.PathLike[str]) -> Path:
-        target = Path(path)
-        pending = target.with_name(f".{target.stem}.pending{target.suffix}")
-        staged.append((pending, target))
+    def stage(path: str | os.PathLike[str], parameter: str = "out") -> Path:
+        target = check_writable(path, parameter)
+        pending = target.with_name(f".{target.stem}.{token}.pending{target.suffix}")
+        staged.append((pending, target, parameter))
         return pending
 
     def family(pending: Path) -> list[Path]:
         prefix = pending.stem + "."
         return [p for p in pending.parent.iterdir() if p.name.startswith(prefix)]
 
+    current = "out"
     try:
         yield stage
-        for pending, target in staged:
+        for pending, target, parameter in staged:
+            current = parameter
+            for item in family(pending):
+                os.chmod(item, 0o666 & ~_umask())
             for item in family(pending):
                 os.replace(item, target.with_name(target.stem + item.name[len(pending.stem):]))
-    except BaseException:
-        for pending, _ in staged:
+    except BaseException as exc:
+        for pending, _, _ in staged:
             for item in family(pending) if pending.parent.is_dir() else []:
                 with contextlib.suppress(OSError):
                     item.unlink()
+        if _is_write_failure(exc):
+            where = staged[-1] if staged else None
+            name = where[1] if where else "output"
+            raise _cannot_write(exc, name, where[2] if where else current) from exc
         raise
