@@ -621,3 +621,32 @@ def test_real_brandenburg_osm_polygons(real_data, tmp_path):
     ref = S.polygon_class_statistics(b02, base / "s2l1c_ref.gpkg", "cid")
     # two polygons are (partly) outside the raster on purpose
     assert (ref.per_polygon == 0).sum() >= 1 and set(ref.per_class) == {1, 2}
+
+
+def test_selection_on_the_extraction_grid_of_two_sources(tmp_path):
+    """grid.factor 2: points selected on the 10 m image extract exactly the validated
+    10 m patches, co-registered with the 20 m ones (selection goes through geometry)."""
+    from terrapatch.extraction import extract_patches
+    from terrapatch.patches import read_patches
+    from terrapatch.raster import Source
+    from terrapatch.testing import coordinate_raster
+
+    t10 = Affine(10, 0, 500000, 0, -10, 4000000)
+    t20 = Affine(20, 0, 500000, 0, -20, 4000000)
+    img10 = coordinate_raster(tmp_path / "c10.tif", 96, 96, t10)
+    img20 = coordinate_raster(tmp_path / "c20.tif", 48, 48, t20)
+    with pytest.raises(InputError, match=r"grid.offsetx: with grid.factor 2"):
+        S.select_patches(img10, psize=16, step=16, factor=2)  # default offset: odd starts
+    sel = S.select_patches(img10, psize=16, step=16, offset=15, factor=2, strategy="all")
+    sel.write(tmp_path / "p.gpkg")
+    summary = extract_patches([Source(img10, 16, name="source1"), Source(img20, 8,
+                                                                        name="source2")],
+                              tmp_path / "p.gpkg", "id",
+                              [tmp_path / "a.tif", tmp_path / "b.tif"], quiet=True)
+    assert summary.n_collected == len(sel) > 10
+    p10, p20 = read_patches(tmp_path / "a.tif"), read_patches(tmp_path / "b.tif")
+    start_cols, start_rows = sel.starts
+    assert np.array_equal(p10[:, 0, 0, 0], start_cols) and np.array_equal(p10[:, 0, 0, 1],
+                                                                            start_rows)
+    assert np.array_equal(p20[:, 0, 0, 0] * 2, start_cols)  # same ground at 20 m
+    assert np.array_equal(p20[:, 0, 0, 1] * 2, start_rows)

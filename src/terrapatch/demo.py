@@ -51,7 +51,7 @@ def select(scene_dir: Path, out: Path, quiet: bool) -> dict[str, Path]:
     get_app("PatchesSelection")(
         {"in": scene_dir / "labels_10m.tif", "label": scene_dir / "labels_10m.tif",
          "nodata": 255, "grid.step": 8, "grid.psize": 16, "grid.offsetx": 7,
-         "grid.offsety": 7, "strategy": "split", "strategy.split.random": True,
+         "grid.offsety": 7, "grid.factor": 2, "strategy": "split", "strategy.split.random": True,
          "strategy.split.trainprop": 80, "strategy.split.validprop": 20,
          "outtrain": points["train"], "outvalid": points["valid"]}, quiet=quiet)
     return points

@@ -14,13 +14,13 @@ Four jobs, each a plain function over rasters and vectors:
 
 Placement rule
 --------------
-terrapatch's extraction takes, for a point, the pixel that contains it as the
-*reference pixel* and cuts the window ``[ref - psize // 2, ref - psize // 2 + psize)``
-(DESIGN.md §2, :mod:`terrapatch.geometry`). :func:`select_patches` therefore
-emits each candidate patch starting at ``start`` as the centre of pixel
-``start + psize // 2``, for odd and even sizes alike; OTBTF's even-size shift
-to the pixel's bottom-left corner (reference §11.2) is not reproduced, so the
-patch extracted at a point is exactly the patch the grid validated.
+Points are placed through :mod:`terrapatch.geometry`: a candidate patch is kept only
+if it is the window of a cell of the extraction's sampling grid G (``factor`` 1 for
+one source; 2 when a 10 m image is source 1 beside 20 m sources), and its point is
+that cell's centre, so the patch extracted at a point is exactly the patch the grid
+validated. With ``factor`` 1 the point is the centre of pixel ``start + psize // 2``
+for odd and even sizes alike; OTBTF's even-size shift to the pixel's bottom-left
+corner (reference §11.2) is not reproduced.
 
 Every raster is read by strips of rows whose size is bounded by
 :data:`STRIP_BYTES`, so memory does not grow with the raster.
@@ -46,7 +46,7 @@ from rasterio.errors import RasterioIOError
 from rasterio.windows import Window
 
 from terrapatch.errors import GeometryError, InputError, MissingInputError, NoSamplesError
-from terrapatch.geometry import Grid, crs_label
+from terrapatch.geometry import Grid, Layout, crs_label
 from terrapatch.progress import logger, progress_bar
 from terrapatch.raster import is_remote, nodata_mask
 from terrapatch.vector import read_layers, write_points
@@ -431,6 +431,29 @@ def candidate_starts(size: int, psize: int, step: int, offset: int = 0) -> np.nd
     return np.arange(first, size - psize + 1, step, dtype=np.int64)
 
 
+def _on_sampling_grid(layout: Layout, starts: np.ndarray,
+                      dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """Keep the candidate starts that are windows of cells of G; return (cells, starts)."""
+    if len(starts) == 0:
+        return starts, starts
+    f = layout.factor
+    lo = (int(starts[0]) - layout.fields[0][dim]) // f - 2
+    hi = (int(starts[-1]) + layout.fields[0][dim]) // f + 2
+    cells = np.arange(lo, hi + 1, dtype=np.int64)
+    windows = layout.window_starts(cells, dim, 0)
+    index = np.clip(np.searchsorted(windows, starts), 0, len(windows) - 1)
+    hit = windows[index] == starts
+    if not hit.any():
+        key = "grid.offsetx" if dim == 0 else "grid.offsety"
+        phase = int(windows[len(windows) // 2]) % f
+        raise InputError(
+            f"{key}: with grid.factor {f} patches must start on the sampling grid "
+            f"(start ≡ {phase} mod {f}), but every candidate start is ≡ {int(starts[0]) % f}; "
+            "change the offset or the step"
+        )
+    return cells[index[hit]], starts[hit]
+
+
 def patch_reference_pixels(starts: np.ndarray, psize: int) -> np.ndarray:
     """Reference pixel of patches starting at ``starts``: ``start + psize // 2``.
 
@@ -497,6 +520,7 @@ def select_patches(
     label_image: PathLike | None = None,
     nclasses: int | None = None,
     spatial_proportion: float = 0.25,
+    factor: int = 1,
     quiet: bool = False,
 ) -> PatchSelection:
     """Select patches on a regular grid of a reference raster (OTBTF ``PatchesSelection``).
@@ -540,6 +564,12 @@ def select_patches(
         the distinct values of ``label_image``.
     spatial_proportion
         ``balanced``: share of candidates drawn uniformly at random first (``sp``).
+    factor
+        Factor of the extraction's sampling grid G in pixels of ``image`` (``grid.factor``;
+        2 when the points will feed a 10 m + 20 m extraction with the 10 m image as
+        source 1). Only candidate patches that are windows of G cells are kept, and each
+        point is placed at the centre of its G cell, so extraction cuts exactly the
+        validated patch (:mod:`terrapatch.geometry`).
     quiet
         No progress bar.
 
@@ -585,8 +615,9 @@ def select_patches(
     if label_info is not None:
         _check_same_grid(info, label_info)
 
-    sx = candidate_starts(width, px, stx, ox)
-    sy = candidate_starts(height, py, sty, oy)
+    layout = Layout((grid,), ((px, py),), factor=factor, factor_key="grid.factor")
+    cx, sx = _on_sampling_grid(layout, candidate_starts(width, px, stx, ox), 0)
+    cy, sy = _on_sampling_grid(layout, candidate_starts(height, py, sty, oy), 1)
     if len(sx) == 0 or len(sy) == 0:
         raise NoSamplesError(
             f"grid: no candidate patch fits in {info.path!r} ({width}×{height}) with psize "
@@ -636,8 +667,7 @@ def select_patches(
         keep = _balanced_subset(scan.histograms[valid], spatial_proportion, seed)
         groups = chess
     start_cols, start_rows, groups = start_cols[keep], start_rows[keep], groups[keep]
-    x, y = _pixel_centres(grid, patch_reference_pixels(start_cols, px),
-                          patch_reference_pixels(start_rows, py))
+    x, y = layout.cell_transform() @ (cx[jj[keep]] + 0.5, cy[ii[keep]] + 0.5)
     fields: dict[str, np.ndarray] = {"id": np.arange(len(x), dtype=np.int64)}
     if scan.labels is not None:
         fields["class"] = scan.labels[valid][keep]

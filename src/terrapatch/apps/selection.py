@@ -69,6 +69,9 @@ class PatchesSelection(App):
         Param("grid.offsetx", "int", "grid offset x (modulo step; patches start at "
               "offsetx + 1)", default=0),
         Param("grid.offsety", "int", "grid offset y (modulo step)", default=0),
+        Param("grid.factor", "int", "terrapatch: factor of the extraction's sampling grid in "
+              "pixels of in (2 for 10 m + 20 m sources with the 10 m image as source 1); "
+              "keeps patches on that grid", default=1),
         Param("strategy", "choice", "how points are assigned to outputs",
               default="chessboard", choices=PATCH_STRATEGIES),
         Param("strategy.split.random", "bool", "shuffle the split sequence (seeded)",
@@ -139,7 +142,8 @@ class PatchesSelection(App):
             proportions=proportions, shuffle=bool(self.get("strategy.split.random")),
             seed=self.get("seed"), label_image=label,
             nclasses=self.get("strategy.balanced.nclasses"),
-            spatial_proportion=self.get("strategy.balanced.sp"), quiet=self.quiet,
+            spatial_proportion=self.get("strategy.balanced.sp"),
+            factor=self.get("grid.factor"), quiet=self.quiet,
         )
         selection.write(outs["outtrain"], outs["outvalid"] or None, outs["outtest"] or None)
         return selection
