@@ -174,7 +174,8 @@ def parse_args(argv):
                         help="read patches lazily from disk instead of loading them")
     parser.add_argument("--synthetic", type=int, default=0, metavar="N",
                         help="train on N generated samples (validation: N/4) instead of files")
-    parser.add_argument("--seed", type=int, default=None, help="seed of the sample order")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="random seed (weights and sample order)")
     parser.add_argument("--class_nb", type=int, default=class_nb, help="number of classes")
     params = parser.parse_args(argv)
     if not params.synthetic:
@@ -191,6 +192,8 @@ def main(argv=None):
     global class_nb
     params = parse_args(argv)
     class_nb = params.class_nb
+    if params.seed is not None:
+        keras.utils.set_random_seed(params.seed)  # weights, dropout and sample order
     with tempfile.TemporaryDirectory(prefix="terrapatch-synthetic-") as tmp:
         if params.synthetic:
             train_files = write_synthetic_patches(tmp, "a_", params.synthetic, seed=1)

@@ -202,3 +202,13 @@ def test_real_subprocess_run_and_debug_traceback(tmp_path, inputs):
     assert "Traceback (most recent call last)" in done.stderr
     assert "OutputError" in done.stderr
     assert not (tmp_path / "nowhere").exists()
+
+
+def test_bare_key_for_a_value_parameter_is_an_error(tmp_path, capsys):
+    from terrapatch.cli import main as cli_main
+
+    code = cli_main(["PatchesExtraction", "-source1.il", "x.tif", "-source1.nodata",
+                     "-source1.patchsizex", "8"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1].endswith("source1.nodata: missing value (a float is expected)")

@@ -9,4 +9,6 @@ from paths import savedmodel as savedmodel_dir
 
 import savedmodel
 
-sys.exit(savedmodel.main(["--model", model_keras, "--savedmodel", savedmodel_dir]))
+# The seed's own options (--model, --savedmodel) override the defaults from paths.py.
+sys.exit(savedmodel.main(["--model", model_keras, "--savedmodel", savedmodel_dir,
+                          *sys.argv[1:]]))

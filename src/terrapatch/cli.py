@@ -114,6 +114,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"terrapatch {name}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `terrapatch APP -help | head`
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

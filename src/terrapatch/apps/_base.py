@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from terrapatch.errors import InputError, ParameterError
+from terrapatch.progress import configure_logging, logger
 from terrapatch.writer import (
     ExtendedFilename,
     parse_extended_filename,
@@ -186,6 +187,7 @@ class App:
     params: ClassVar[tuple[Param, ...]] = ()
     source_params: ClassVar[tuple[Param, ...]] = ()
     primary_output: ClassVar[str] = "out"
+    supports_cluster: ClassVar[bool] = False
 
     def __init__(self, *args: Mapping[str, Any], n_sources: int | None = None,
                  quiet: bool = False, pixel_types: Mapping[str, str] | None = None,
@@ -245,6 +247,8 @@ class App:
         """Set one parameter (dotted or underscore key)."""
         key = normalize_key(key)
         param = self._param(key)
+        if value is True and param.kind != "bool":
+            raise InputError(f"{key}: missing value (a {param.kind} is expected)")
         self.values[key] = coerce(param, value, key)
 
     def get(self, key: str) -> Any:
@@ -328,6 +332,12 @@ class App:
     def execute(self) -> Any:
         """Validate the parameters and run the application."""
         self._check()
+        if not logger.handlers:  # like OTB applications, report to stderr by default
+            configure_logging(quiet=self.quiet)
+        if (self.scheduler is not None or self.workers is not None) and \
+                not self.supports_cluster:
+            logger.warning("%s runs in process: --workers / --dask-scheduler are ignored",
+                           self.name)
         self.result = self.run()
         self.executed = True
         return self.result

@@ -25,6 +25,7 @@ class PatchesExtraction(App):
     description = ("cut one patch per labelled point from each source, at its own resolution, "
                    "and write patches images")
     primary_output = "source1.out"
+    supports_cluster = True
     source_params = (
         Param("il", "paths", "input image(s), stacked as bands", required=True),
         Param("out", "out", "output patches image", required=True, pixel_type="float32"),
