@@ -2,7 +2,8 @@
 
 terrapatch's long jobs (extraction, serving) are split into independent tasks:
 this module ships them to a ``dask.distributed`` cluster and collects the
-results in the order the caller needs, with progress from the scheduler.
+results, as they end (:func:`run_tasks`) or in task order with a bounded number
+of tasks in flight (:func:`run_ordered`), with progress from the scheduler.
 Errors that a user can fix (unreachable scheduler, a worker missing a file)
 become one-line input errors.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from terrapatch.errors import InputError, TerrapatchError
@@ -44,6 +45,12 @@ def client_for(scheduler: Any = None, workers: int | None = None) -> Iterator[An
         to start a ``LocalCluster`` of ``workers`` single-threaded worker processes.
     workers
         Number of local worker processes (default: the number of CPU cores).
+
+    Notes
+    -----
+    The local workers share this machine's cores: unless ``TF_NUM_INTRAOP_THREADS``
+    is set, each one's TensorFlow gets ``cores // workers`` intra-op threads (at
+    least 1) instead of one per core each.
     """
     distributed = _import_distributed()
     if isinstance(scheduler, distributed.Client):
@@ -56,34 +63,113 @@ def client_for(scheduler: Any = None, workers: int | None = None) -> Iterator[An
             raise InputError(
                 f"dask-scheduler: cannot reach the scheduler at {scheduler!r} ({exc})"
             ) from None
+        except ValueError as exc:
+            raise InputError(
+                f"dask-scheduler: {scheduler!r} is not a scheduler address ({exc}); "
+                "expected e.g. tcp://host:8786"
+            ) from None
         try:
             yield client
         finally:
             client.close()
         return
-    n = workers or os.cpu_count() or 1
+    cores = _cores()
+    n = workers or cores
     if n < 1:
         raise InputError(f"workers: {workers!r} must be ≥ 1")
+    env = {} if "TF_NUM_INTRAOP_THREADS" in os.environ else \
+        {"TF_NUM_INTRAOP_THREADS": str(max(1, cores // n))}
+    # ":0": the scheduler's HTTP endpoints on a free port (not 8787, maybe taken).
     with distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                                  dashboard_address=None) as cluster, \
+                                  dashboard_address=":0", env=env) as cluster, \
             distributed.Client(cluster) as client:
+        logger.debug("local Dask cluster of %d worker process(es) at %s", n,
+                     cluster.scheduler_address)
         yield client
 
 
+def _cores() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def is_remote(path: str) -> bool:
+    """Whether ``path`` is a GDAL virtual path or a URL (not checked on the workers' disks)."""
+    return path.startswith("/vsi") or "://" in path
+
+
 def _missing_paths(paths: Sequence[str]) -> list[str]:
-    return [p for p in paths if not p.startswith("/vsi") and not os.path.exists(p)]
+    """The paths (files or directories) that do not exist on this machine, in order."""
+    return [p for p in paths if not is_remote(p) and not os.path.exists(p)]
 
 
-def check_worker_paths(client: Any, paths: Iterable[str]) -> None:
-    """Raise :class:`InputError` naming the worker and the path if a worker lacks a file."""
-    wanted = sorted({os.path.abspath(os.fspath(p)) for p in paths})
-    missing = client.run(_missing_paths, wanted)
+def check_worker_paths(client: Any, paths: Iterable[str | os.PathLike[str]],
+                       labels: Mapping[str, str] | None = None) -> None:
+    """Raise :class:`InputError` naming the worker and the path if a worker lacks one.
+
+    Parameters
+    ----------
+    client
+        A ``distributed.Client``.
+    paths
+        Files or directories (e.g. a SavedModel directory and its ``saved_model.pb``)
+        every worker must see; relative paths are taken from the caller's working
+        directory. URLs and GDAL ``/vsi`` paths are not checked.
+    labels
+        Parameter name of each path, as given in ``paths`` (e.g. ``{"m.keras":
+        "model.dir"}``), quoted in the error; default ``input file``.
+
+    Raises
+    ------
+    InputError
+        For the first worker (by address) missing a path, with the first path it lacks.
+    """
+    names: dict[str, str] = {}
+    for p in paths:
+        text = os.fspath(p)
+        full = text if is_remote(text) else os.path.abspath(text)
+        names.setdefault(full, (labels or {}).get(text, "input file"))
+    missing = client.run(_missing_paths, sorted(names))
     for worker, lost in sorted(missing.items()):
         if lost:
             raise InputError(
-                f"worker {worker}: input file {lost[0]!r} does not exist there "
+                f"worker {worker}: {names[lost[0]]} {lost[0]!r} does not exist there "
                 "(the rasters and models must be visible to every worker at the same path)"
             )
+
+
+def total_threads(client: Any) -> int:
+    """Number of task slots (worker threads) of the cluster now; at least 1."""
+    return max(1, sum(client.nthreads().values()))
+
+
+def _task_result(future: Any, index: int, desc: str) -> Any:
+    """The result of a finished task, or a :class:`TerrapatchError` saying why it failed."""
+    distributed = _import_distributed()
+    try:
+        return future.result()
+    except TerrapatchError:
+        raise
+    except distributed.KilledWorker as exc:
+        raise TerrapatchError(
+            f"{desc}: task {index} failed on the cluster: the workers running it died "
+            f"{_allowed_failures() + 1} time(s) (out of memory, or a crash in native code?): "
+            f"{exc}"
+        ) from exc
+    except Exception as exc:
+        raise TerrapatchError(
+            f"{desc}: task {index} failed on the cluster after {TASK_RETRIES} retries: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def _allowed_failures() -> int:
+    import dask
+
+    return int(dask.config.get("distributed.scheduler.allowed-failures", 3))
 
 
 def run_tasks(
@@ -106,15 +192,7 @@ def run_tasks(
     try:
         with progress_bar(len(futures), desc, unit="task", quiet=quiet) as bar:
             for future in distributed.as_completed(futures):
-                try:
-                    result = future.result()
-                except TerrapatchError:
-                    raise
-                except Exception as exc:
-                    raise TerrapatchError(
-                        f"{desc}: task {index[future.key]} failed on the cluster after "
-                        f"{TASK_RETRIES} retries: {type(exc).__name__}: {exc}"
-                    ) from exc
+                result = _task_result(future, index[future.key], desc)
                 on_result(index[future.key], result)
                 future.release()
                 bar.update(1)
@@ -122,3 +200,83 @@ def run_tasks(
         for future in futures:
             future.cancel()
     logger.debug("%s: %d tasks done on %s", desc, len(futures), client)
+
+
+def run_ordered(
+    client: Any,
+    func: Callable[..., Any],
+    tasks: Sequence[tuple[Any, ...]],
+    on_result: Callable[[int, Any], None],
+    desc: str,
+    quiet: bool = False,
+    in_flight: int | None = None,
+    weights: Sequence[int] | None = None,
+    unit: str = "task",
+) -> None:
+    """Run ``func(*task)`` for every task on the cluster; call ``on_result(i, result)`` in order.
+
+    Tasks are submitted as a sliding window: task ``i + in_flight`` is submitted only
+    once task ``i`` has been handed to ``on_result``, so at most ``in_flight`` results
+    exist at any time (running, waiting on a worker, or buffered here until the tasks
+    before them end), whatever the number of tasks. Retries and errors are those of
+    :func:`run_tasks`; the progress bar advances as tasks end on the cluster.
+
+    Parameters
+    ----------
+    client
+        A ``distributed.Client``.
+    func
+        Task function, importable on the workers.
+    tasks
+        Arguments of each task.
+    on_result
+        Called in the calling thread with ``(i, result)`` for ``i = 0, 1, ...``.
+    desc
+        Name of the job, for the progress bar and error messages.
+    quiet
+        No progress bar.
+    in_flight
+        Most tasks submitted and not yet handed over (default: twice the cluster's
+        threads, so every worker has a task queued behind the one it runs).
+    weights
+        Progress units of each task (default 1), e.g. the tiles of a block.
+    unit
+        Name of the progress unit.
+    """
+    distributed = _import_distributed()
+    n = len(tasks)
+    limit = max(1, in_flight if in_flight is not None else 2 * total_threads(client))
+    if weights is not None and len(weights) != n:
+        raise ValueError(f"weights: {len(weights)} values for {n} tasks")
+    pending: dict[str, int] = {}
+    futures: dict[int, Any] = {}
+    done: dict[int, Any] = {}
+    queue = distributed.as_completed()
+    submitted = emitted = 0
+
+    def fill() -> None:
+        nonlocal submitted
+        while submitted < n and submitted - emitted < limit:
+            future = client.submit(func, *tasks[submitted], retries=TASK_RETRIES, pure=False)
+            pending[future.key] = submitted
+            futures[submitted] = future
+            queue.add(future)
+            submitted += 1
+
+    total = n if weights is None else int(sum(weights))
+    try:
+        with progress_bar(total, desc, unit=unit, quiet=quiet) as bar:
+            fill()
+            for future in queue:
+                i = pending.pop(future.key)
+                done[i] = _task_result(future, i, desc)
+                futures.pop(i).release()
+                bar.update(1 if weights is None else weights[i])
+                while emitted in done:
+                    on_result(emitted, done.pop(emitted))
+                    emitted += 1
+                fill()
+    finally:
+        for future in futures.values():
+            future.cancel()
+    logger.debug("%s: %d tasks done in order on %s", desc, n, client)

@@ -13,11 +13,15 @@ for what a tile reads, :meth:`~terrapatch.geometry.Layout.tile_starts` for the
 patches cut out of it); this module computes none on its own.
 
 Streaming: the output is cut into tiles aligned on the expression field. A tile
-is an independent task (:class:`TileRunner`: tile → array), so tiles could be
-distributed; locally, a reader thread prepares the next tiles' inputs and a
-writer thread writes the previous ones while the model computes, through bounded
-queues, so memory depends on the tile size, never on the raster size. The file
-is written under a temporary name and renamed when complete.
+is an independent task (:class:`TileRunner`: tile → array). Locally, a reader
+thread prepares the next tiles' inputs and a writer thread writes the previous
+ones while the model computes, through bounded queues, so memory depends on the
+tile size, never on the raster size. On a Dask cluster (``scheduler=`` or
+``workers=``), runs of consecutive tiles are tasks (:func:`serve_block`): each
+reads its own inputs and runs the model (loaded once per worker process,
+:func:`cached_engine`), and this process writes the blocks in order as they come
+back, with a bounded number of blocks in flight. Either way the map is the same,
+and the file is written under a temporary name and renamed when complete.
 
 When receptive fields or the expression field are not given, they are derived
 from the model by probing its output size as a function of its input sizes
@@ -27,6 +31,7 @@ states the expected and actual shapes and suggests consistent values.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import threading
@@ -45,6 +50,7 @@ import rasterio
 from affine import Affine
 from rasterio.windows import Window
 
+from terrapatch import cluster
 from terrapatch.engines import Engine, ModelRunError, load_engine
 from terrapatch.errors import GeometryError, InputError, ModelError
 from terrapatch.geometry import Grid, Layout
@@ -59,6 +65,7 @@ from terrapatch.writer import (
 )
 
 __all__ = [
+    "CLUSTER_BLOCK_TILES",
     "DEFAULT_TILE_FCN",
     "DEFAULT_TILE_PB",
     "ModelGeometry",
@@ -66,10 +73,12 @@ __all__ = [
     "ServeSummary",
     "Tile",
     "TileRunner",
+    "cached_engine",
     "derive_geometry",
     "plan_tiles",
     "prepare_serve",
     "serve",
+    "serve_block",
 ]
 
 #: Default tile size (output pixels) in fully-convolutional mode: large tiles amortise
@@ -77,6 +86,16 @@ __all__ = [
 DEFAULT_TILE_FCN = 256
 #: Default tile size in patch-based mode: 64×64 = 4096 patches per batch.
 DEFAULT_TILE_PB = 64
+#: Most tiles per task on a Dask cluster (fewer when the plan has few tiles per worker
+#: thread, so that every worker gets several tasks).
+CLUSTER_BLOCK_TILES = 8
+#: Tasks per worker thread aimed at when choosing the block size (load balance).
+CLUSTER_TASKS_PER_THREAD = 4
+#: Models kept loaded per worker process by :func:`cached_engine`.
+ENGINE_CACHE_SIZE = 2
+#: Idle sets of open source readers kept per worker process between cluster tasks, so
+#: that GDAL's block cache carries the blocks neighbouring tasks share.
+READER_CACHE_SIZE = 4
 
 Box = tuple[int, int, int, int]
 
@@ -574,6 +593,215 @@ class TileRunner:
         self._local.readers = None
 
 
+# ============================================================================ cluster tasks
+
+_ENGINES: dict[str, tuple[tuple[int, int], Engine]] = {}
+_ENGINES_LOCK = threading.Lock()
+
+
+def _worker_name() -> str:
+    """Address of the Dask worker running the caller, else ``process <pid>``."""
+    try:
+        from distributed import get_worker
+
+        return str(get_worker().address)
+    except (ImportError, ValueError):
+        return f"process {os.getpid()}"
+
+
+def _model_stamp(model: str) -> tuple[int, int]:
+    """``(mtime_ns, size)`` of a model file, or of a SavedModel's ``saved_model.pb``."""
+    path = Path(model)
+    if path.is_dir():
+        for name in ("saved_model.pb", "saved_model.pbtxt"):
+            if (path / name).is_file():
+                path = path / name
+                break
+    try:
+        stat = path.stat()
+    except OSError:
+        raise ModelError(
+            f"model.dir: {model!r} does not exist on worker {_worker_name()} (the model must "
+            "be visible to every worker at the same path)"
+        ) from None
+    return (stat.st_mtime_ns, stat.st_size)
+
+
+def cached_engine(model: str) -> Engine:
+    """The engine of the model at ``model``, loaded once per process and kept.
+
+    Cluster tasks call this so that a worker process loads a model once, not once per
+    task; the last :data:`ENGINE_CACHE_SIZE` models are kept, and a model whose file
+    changed since it was loaded is loaded again.
+
+    Parameters
+    ----------
+    model
+        SavedModel directory, ``.keras`` or ``.onnx`` file.
+
+    Raises
+    ------
+    ModelError
+        If the model does not exist here (naming the worker) or cannot be loaded.
+    """
+    stamp = _model_stamp(model)
+    with _ENGINES_LOCK:
+        cached = _ENGINES.get(model)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        _ENGINES.pop(model, None)
+        while len(_ENGINES) >= ENGINE_CACHE_SIZE:
+            _ENGINES.pop(next(iter(_ENGINES)))
+        engine = load_engine(model)
+        _ENGINES[model] = (stamp, engine)
+        logger.debug("loaded %s on %s", model, _worker_name())
+        return engine
+
+
+_READERS: dict[tuple[Any, ...], list[list[SourceReader]]] = {}
+_READERS_LOCK = threading.Lock()
+
+
+def _readers_key(runner: TileRunner) -> tuple[Any, ...]:
+    """Identity of a runner's sources on this machine: names, paths, modification times."""
+    key: list[Any] = []
+    for source in runner.sources:
+        for path in source.paths:
+            try:
+                stamp = 0 if cluster.is_remote(path) else os.stat(path).st_mtime_ns
+            except OSError:
+                stamp = -1
+            key.append((source.name, path, stamp))
+        key.append(None)
+    return tuple(key)
+
+
+def _checkout_readers(runner: TileRunner, where: str
+                      ) -> tuple[tuple[Any, ...], list[SourceReader]]:
+    """Open readers on the runner's sources, reusing an idle set left by an earlier task."""
+    key = _readers_key(runner)
+    with _READERS_LOCK:
+        idle = _READERS.get(key)
+        if idle:
+            return key, idle.pop()
+    return key, _open_readers_here(runner, where)
+
+
+def _checkin_readers(key: tuple[Any, ...], readers: list[SourceReader]) -> None:
+    """Keep readers for later tasks; close the oldest idle sets beyond the cache size."""
+    closing: list[SourceReader] = []
+    with _READERS_LOCK:
+        _READERS.setdefault(key, []).append(readers)
+        _READERS[key] = _READERS.pop(key)  # most recently used last
+        while sum(len(v) for v in _READERS.values()) > READER_CACHE_SIZE:
+            oldest = next(iter(_READERS))
+            closing.extend(_READERS[oldest].pop(0))
+            if not _READERS[oldest]:
+                del _READERS[oldest]
+    for reader in closing:
+        reader.close()
+
+
+def _open_readers_here(runner: TileRunner, where: str) -> list[SourceReader]:
+    """Open the runner's sources; a missing file is an error naming the worker ``where``."""
+    readers: list[SourceReader] = []
+    try:
+        for source in runner.sources:
+            for path in source.paths:
+                if not cluster.is_remote(path) and not os.path.exists(path):
+                    raise InputError(
+                        f"{source.name}.il: {path!r} does not exist on worker "
+                        f"{where} (the rasters must be visible to every worker at "
+                        "the same path)"
+                    )
+            readers.append(source.open())
+    except BaseException:
+        for reader in readers:
+            reader.close()
+        raise
+    return readers
+
+
+#: What a cluster task returns: the pixels of each tile of its block (``(bands, rows,
+#: cols)`` in the output pixel type, None for a tile skipped for nodata), and the
+#: seconds spent reading and in the model.
+BlockResult = tuple[list[np.ndarray | None], float, float]
+
+
+def serve_block(runner: TileRunner, tiles: Sequence[Tile], pixel_type: str,
+                rounding: bool = False) -> BlockResult:
+    """Compute a block of tiles: one task of serving on a Dask cluster.
+
+    Opens the sources, reads each tile's inputs, runs the model (:func:`cached_engine`
+    of ``runner.model``) and converts the pixels to the output type, so that only
+    the map's pixels travel back.
+
+    Parameters
+    ----------
+    runner
+        The tile runner of the job, with a model path every worker can read.
+    tiles
+        The tiles of the block.
+    pixel_type
+        Output pixel type.
+    rounding
+        Round instead of truncating when converting to an integer type.
+
+    Returns
+    -------
+    BlockResult
+        Pixels per tile, read seconds, model seconds.
+    """
+    if runner.model is None:
+        raise ModelError("serve_block: the tile runner has no model path to open")
+    dtype = np.dtype(pixel_type)
+    engine = cached_engine(runner.model)
+    where = _worker_name()  # here: the reader thread is not the worker's task thread
+    stats = _Stats()
+    pixels: list[np.ndarray | None] = []
+    local: dict[str, Any] = {}
+
+    def read(tile: Tile) -> dict[str, np.ndarray] | None:
+        start = time.perf_counter()
+        if "readers" not in local:
+            local["key"], local["readers"] = _checkout_readers(runner, where)
+        feed = runner.read(local["readers"], tile)
+        stats.add("read", time.perf_counter() - start)
+        return feed
+
+    def infer(tile: Tile, feed: dict[str, np.ndarray] | None) -> np.ndarray | None:
+        return None if feed is None else runner.infer(engine, tile, feed, stats)
+
+    def keep(tile: Tile, values: np.ndarray | None) -> None:
+        pixels.append(None if values is None else np.ascontiguousarray(
+            convert_pixels(values, dtype, rounding).transpose(2, 0, 1)))
+
+    def close() -> None:
+        if "readers" in local:
+            _checkin_readers(local["key"], local.pop("readers"))
+
+    # The same pipeline as in process: the next tile is read while the model runs.
+    _pipeline(tiles, read, infer, keep, close, prefetch=2)
+    return pixels, stats.read, stats.compute
+
+
+def _absolute(path: str) -> str:
+    return path if cluster.is_remote(path) else os.path.abspath(path)
+
+
+def _worker_paths(runner: TileRunner) -> dict[str, str]:
+    """Paths every worker must see (a SavedModel's ``saved_model.pb`` too) → parameter."""
+    paths = {p: f"{s.name}.il" for s in runner.sources for p in s.paths}
+    if runner.model is not None:
+        paths[runner.model] = "model.dir"
+        if os.path.isdir(runner.model):
+            text = os.path.join(runner.model, "saved_model.pbtxt")
+            binary = os.path.join(runner.model, "saved_model.pb")
+            inside = text if os.path.isfile(text) and not os.path.isfile(binary) else binary
+            paths[inside] = "model.dir"
+    return paths
+
+
 def _all_nodata(data: np.ndarray, nodata: float | None) -> bool:
     if nodata is None or data.size == 0:
         return False
@@ -703,20 +931,95 @@ class ServeJob:
             limit *= 2**20
         return min(wanted, limit)
 
+    def default_block_tiles(self, threads: int) -> int:
+        """Tiles per cluster task for a cluster of ``threads`` task slots.
+
+        At most :data:`CLUSTER_BLOCK_TILES`, fewer when that would give a worker thread
+        fewer than :data:`CLUSTER_TASKS_PER_THREAD` tasks.
+        """
+        per_task = len(self.tiles) // max(1, CLUSTER_TASKS_PER_THREAD * threads)
+        return max(1, min(CLUSTER_BLOCK_TILES, per_task))
+
+    def cluster_runner(self) -> TileRunner:
+        """The tile runner to ship to a cluster: absolute paths, the model as a path.
+
+        Raises
+        ------
+        InputError
+            If the model was given in memory (workers need a file or directory).
+        """
+        model = self.runner.model
+        if model is None:
+            path = str(getattr(self.engine, "path", ""))
+            if not path or not os.path.exists(path):
+                raise InputError(
+                    "model.dir: serving on a Dask cluster needs the model as a SavedModel "
+                    "directory, .keras or .onnx file every worker can read; got an "
+                    f"in-memory model ({type(self.engine).__name__} {path!r})"
+                )
+            model = path
+        runner = copy.copy(self.runner)
+        sources = []
+        for source in self.runner.sources:
+            moved = copy.copy(source)
+            moved.paths = tuple(_absolute(p) for p in source.paths)
+            sources.append(moved)
+        runner.sources = sources
+        runner.model = _absolute(model)
+        return runner
+
     def run(self, out: str | os.PathLike[str], pixel_type: str | np.dtype = "float32",
             rounding: bool = False, background: float = 0.0,
             creation_options: Mapping[str, str] | None = None, quiet: bool = False,
-            prefetch: int = 2) -> ServeSummary:
+            prefetch: int = 2, scheduler: Any = None, workers: int | None = None,
+            block_tiles: int | None = None) -> ServeSummary:
         """Compute every tile and write the GeoTIFF ``out`` (atomically); see :func:`serve`."""
         dtype = pixel_dtype(pixel_type, parameter="out (pixel type)")
         fill = convert_pixels(np.asarray([background], dtype=np.float64), dtype)[0]
-        bx, by, bw, bh = self.box
+        _, _, bw, bh = self.box
         runner = self.runner
         profile = geotiff_profile(bw, bh, runner.bands, dtype, crs=self.output_grid.crs,
                                   transform=self.transform, nodata=float(fill),
                                   creation_options=creation_options)
         stats = _Stats()
         start = time.perf_counter()
+        where = "in process"
+        if scheduler is None and workers is None:
+            self._run_local(out, profile, dtype, rounding, fill, quiet, prefetch, stats)
+        else:
+            if block_tiles is not None and int(block_tiles) < 1:
+                raise InputError(f"block_tiles: {block_tiles!r} must be ≥ 1")
+            where = self._run_on_cluster(out, profile, dtype, rounding, fill, quiet, stats,
+                                         scheduler, workers, block_tiles)
+        seconds = time.perf_counter() - start
+        logger.info(
+            "wrote %s: %d×%d px, %d band(s) %s, %d tile(s) (%d skipped), %.1f s, %.0f px/s "
+            "(%s)", os.fspath(out), bw, bh, runner.bands, dtype.name, len(self.tiles),
+            stats.skipped, seconds, bw * bh / max(seconds, 1e-9), where,
+        )
+        return ServeSummary(
+            path=Path(out), width=bw, height=bh, bands=runner.bands, dtype=dtype.name,
+            transform=self.transform, crs=self.output_grid.crs, box=self.box,
+            output_grid=self.output_grid, geometry=self.geometry, derived=self.derived,
+            fullyconv=runner.fullyconv, output_names=tuple(runner.output_names),
+            tile_size=self.tile_size, tiles=len(self.tiles), skipped_tiles=stats.skipped,
+            seconds=seconds, read_seconds=stats.read, compute_seconds=stats.compute,
+            write_seconds=stats.write,
+        )
+
+    def _put(self, dataset: Any, tile: Tile, pixels: np.ndarray | None, fill: Any,
+             dtype: np.dtype) -> None:
+        """Write a tile's ``(bands, rows, cols)`` pixels (None: the background)."""
+        tc, tr, tw, th = tile.target
+        if pixels is None:
+            pixels = np.full((self.runner.bands, th, tw), fill, dtype=dtype)
+        dataset.write(pixels, window=Window(tc - self.box[0], tr - self.box[1], tw, th))
+
+    def _run_local(self, out: str | os.PathLike[str], profile: Mapping[str, Any],
+                   dtype: np.dtype, rounding: bool, fill: Any, quiet: bool, prefetch: int,
+                   stats: _Stats) -> None:
+        """Serve in this process: reader thread, model here, writer thread."""
+        runner = self.runner
         local: dict[str, list[SourceReader]] = {}
 
         def read(tile: Tile) -> dict[str, np.ndarray] | None:
@@ -739,12 +1042,9 @@ class ServeJob:
 
             def write(tile: Tile, values: np.ndarray | None) -> None:
                 t0 = time.perf_counter()
-                tc, tr, tw, th = tile.target
-                if values is None:
-                    pixels = np.full((runner.bands, th, tw), fill, dtype=dtype)
-                else:
-                    pixels = convert_pixels(values, dtype, rounding).transpose(2, 0, 1)
-                dataset.write(pixels, window=Window(tc - bx, tr - by, tw, th))
+                pixels = None if values is None else \
+                    convert_pixels(values, dtype, rounding).transpose(2, 0, 1)
+                self._put(dataset, tile, pixels, fill, dtype)
                 stats.add("write", time.perf_counter() - t0)
                 bar.update(1)
 
@@ -755,21 +1055,42 @@ class ServeJob:
                 return runner.infer(self.engine, tile, feed, stats)
 
             _pipeline(self.tiles, read, infer, write, close_readers, prefetch)
-        seconds = time.perf_counter() - start
-        logger.info(
-            "wrote %s: %d×%d px, %d band(s) %s, %d tile(s) (%d skipped), %.1f s, %.0f px/s",
-            os.fspath(out), bw, bh, runner.bands, dtype.name, len(self.tiles), stats.skipped,
-            seconds, bw * bh / max(seconds, 1e-9),
-        )
-        return ServeSummary(
-            path=Path(out), width=bw, height=bh, bands=runner.bands, dtype=dtype.name,
-            transform=self.transform, crs=self.output_grid.crs, box=self.box,
-            output_grid=self.output_grid, geometry=self.geometry, derived=self.derived,
-            fullyconv=runner.fullyconv, output_names=tuple(runner.output_names),
-            tile_size=self.tile_size, tiles=len(self.tiles), skipped_tiles=stats.skipped,
-            seconds=seconds, read_seconds=stats.read, compute_seconds=stats.compute,
-            write_seconds=stats.write,
-        )
+
+    def _run_on_cluster(self, out: str | os.PathLike[str], profile: Mapping[str, Any],
+                        dtype: np.dtype, rounding: bool, fill: Any, quiet: bool,
+                        stats: _Stats, scheduler: Any, workers: int | None,
+                        block_tiles: int | None) -> str:
+        """Serve blocks of tiles as Dask tasks; write them here, in order. Returns where."""
+        runner = self.cluster_runner()
+        check_writable(out, "out")
+        with cluster.client_for(scheduler, workers) as client:
+            paths = _worker_paths(runner)
+            cluster.check_worker_paths(client, paths, labels=paths)
+            threads = cluster.total_threads(client)
+            size = int(block_tiles) if block_tiles else self.default_block_tiles(threads)
+            blocks = [self.tiles[i:i + size] for i in range(0, len(self.tiles), size)]
+            tasks = [(runner, block, dtype.name, rounding) for block in blocks]
+            where = (f"Dask, {len(client.nthreads())} worker(s), {threads} thread(s), "
+                     f"{len(blocks)} block(s) of ≤ {size} tile(s)")
+            logger.info("serving on %s: %s", client.scheduler.address, where)
+            with atomic_output(out, "out") as tmp, \
+                    rasterio.Env(GDAL_CACHEMAX=self.block_cache_bytes(dtype)), \
+                    rasterio.open(tmp, "w", **profile) as dataset:
+
+                def write(k: int, result: BlockResult) -> None:
+                    pixels, read_seconds, compute_seconds = result
+                    stats.add("read", read_seconds)
+                    stats.add("compute", compute_seconds)
+                    t0 = time.perf_counter()
+                    for tile, values in zip(blocks[k], pixels, strict=True):
+                        if values is None:
+                            stats.skipped += 1
+                        self._put(dataset, tile, values, fill, dtype)
+                    stats.add("write", time.perf_counter() - t0)
+
+                cluster.run_ordered(client, serve_block, tasks, write, "TensorflowModelServe",
+                                    quiet, weights=[len(b) for b in blocks], unit="tile")
+        return where
 
 
 def _pipeline(tiles: Iterable[Tile],
@@ -1124,6 +1445,9 @@ def serve(
     user_placeholders: Mapping[str, Any] | None = None,
     disable_tiling: bool = False,
     prefetch: int = 2,
+    scheduler: Any = None,
+    workers: int | None = None,
+    block_tiles: int | None = None,
 ) -> ServeSummary:
     """Apply a model to whole rasters and write the map as a tiled GeoTIFF.
 
@@ -1175,17 +1499,45 @@ def serve(
         Compute the whole box as one tile (``optim.disabletiling``).
     prefetch
         Tiles read ahead and written behind (memory ∝ ``prefetch`` × tile size).
+    scheduler
+        Serve on a Dask cluster: a ``distributed.Client`` or a scheduler address
+        (``"tcp://host:8786"``). The model must then be a path, and the model and the
+        rasters must be visible to every worker at the same path (checked first).
+    workers
+        Serve on a local Dask cluster of this many single-threaded worker processes
+        (when ``scheduler`` is None).
+    block_tiles
+        Tiles per cluster task (default: :meth:`ServeJob.default_block_tiles`).
 
     Returns
     -------
     ServeSummary
-        Size, georeference, geometry and timings of what was written.
+        Size, georeference, geometry and timings of what was written (on a cluster,
+        read and model seconds are summed over the workers).
+
+    Raises
+    ------
+    TerrapatchError
+        On bad input (an :class:`~terrapatch.errors.InputError`, ``ModelError``, ...),
+        an unreachable scheduler, a worker missing a file, or a task failing on the
+        cluster after its retries; no file is left under ``out``.
     """
     check_writable(out, "out")
     dtype = pixel_dtype(pixel_type, parameter="out (pixel type)")
-    job = prepare_serve(sources, model, output_names=output_names, fullyconv=fullyconv,
-                        spcscale=spcscale, efield=efield, tile_size=tile_size, box=box,
-                        user_placeholders=user_placeholders, disable_tiling=disable_tiling,
-                        engine=engine)
-    return job.run(out, dtype, rounding=rounding, background=background,
-                   creation_options=creation_options, quiet=quiet, prefetch=prefetch)
+    if block_tiles is not None and int(block_tiles) < 1:
+        raise InputError(f"block_tiles: {block_tiles!r} must be ≥ 1")
+
+    def prepare_and_run(client: Any) -> ServeSummary:
+        job = prepare_serve(sources, model, output_names=output_names, fullyconv=fullyconv,
+                            spcscale=spcscale, efield=efield, tile_size=tile_size, box=box,
+                            user_placeholders=user_placeholders,
+                            disable_tiling=disable_tiling, engine=engine)
+        return job.run(out, dtype, rounding=rounding, background=background,
+                       creation_options=creation_options, quiet=quiet, prefetch=prefetch,
+                       scheduler=client, block_tiles=block_tiles)
+
+    if scheduler is None and workers is None:
+        return prepare_and_run(None)
+    # Connect (or start the local cluster) first: an unreachable scheduler fails fast.
+    with cluster.client_for(scheduler, workers) as client:
+        return prepare_and_run(client)

@@ -88,6 +88,7 @@ class TensorflowModelServe(App):
     description = ("apply a deep learning model (SavedModel, .keras or ONNX) to N sources, "
                    "patch-based or fully-convolutional, and write a GeoTIFF map")
     primary_output = "out"
+    supports_cluster = True
     source_params = (
         Param("il", "paths", "input image(s), stacked as bands", required=True),
         Param("rfieldx", "int", "receptive field width in this source's pixels "
@@ -154,8 +155,6 @@ class TensorflowModelServe(App):
             tx = ty
         if self.get("model.tagsets"):
             logger.info("model.tagsets ignored: the SavedModel's serving signature is used")
-        if getattr(self, "scheduler", None) is not None or getattr(self, "workers", None):
-            logger.warning("TensorflowModelServe runs locally; scheduler/workers are ignored")
         out = self.output("out")
         assert out is not None  # required parameter, checked by App
         placeholders = parse_user_placeholders(self.get("model.userplaceholders") or ())
@@ -175,4 +174,6 @@ class TensorflowModelServe(App):
             quiet=self.quiet,
             user_placeholders=placeholders,
             disable_tiling=bool(self.get("optim.disabletiling")),
+            scheduler=self.scheduler,
+            workers=self.workers,
         )
