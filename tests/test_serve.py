@@ -312,6 +312,11 @@ def test_nodata_tiles_are_skipped_and_filled_with_bv(tmp_path):
     assert s2.skipped_tiles == 1
     values8 = read(s2.path)[0][0]
     assert values8[0:4, 0:4].max() == 0 and values8[8:16, 0:8].min() == 1024
+    # Without output.bv: skipped tiles are 0 and the map has no nodata value.
+    s3 = serve([Source(src, 4, nodata=0)], norm_model(bands=3), tmp_path / "norm0.tif",
+               fullyconv=True, efield=4, tile_size=4, quiet=True)
+    values0, _, _, nodata0, _ = read(s3.path)
+    assert nodata0 is None and values0[0, 0:4, 0:4].max() == 0
 
 
 def test_pixel_type_clamps_then_truncates_or_rounds(tmp_path):

@@ -969,17 +969,20 @@ class ServeJob:
         return runner
 
     def run(self, out: str | os.PathLike[str], pixel_type: str | np.dtype = "float32",
-            rounding: bool = False, background: float = 0.0,
+            rounding: bool = False, background: float | None = None,
             creation_options: Mapping[str, str] | None = None, quiet: bool = False,
             prefetch: int = 2, scheduler: Any = None, workers: int | None = None,
             block_tiles: int | None = None) -> ServeSummary:
         """Compute every tile and write the GeoTIFF ``out`` (atomically); see :func:`serve`."""
         dtype = pixel_dtype(pixel_type, parameter="out (pixel type)")
-        fill = convert_pixels(np.asarray([background], dtype=np.float64), dtype)[0]
+        fill = convert_pixels(np.asarray([background or 0.0], dtype=np.float64), dtype)[0]
         _, _, bw, bh = self.box
         runner = self.runner
+        # The background becomes the output's nodata only when given: with OTBTF's default
+        # of 0, a nodata tag would hide class 0 of every classification map.
         profile = geotiff_profile(bw, bh, runner.bands, dtype, crs=self.output_grid.crs,
-                                  transform=self.transform, nodata=float(fill),
+                                  transform=self.transform,
+                                  nodata=None if background is None else float(fill),
                                   creation_options=creation_options)
         stats = _Stats()
         start = time.perf_counter()
@@ -1438,7 +1441,7 @@ def serve(
     box: Sequence[int] | None = None,
     pixel_type: str | np.dtype = "float32",
     rounding: bool = False,
-    background: float = 0.0,
+    background: float | None = None,
     creation_options: Mapping[str, str] | None = None,
     quiet: bool = False,
     engine: Engine | None = None,
@@ -1486,7 +1489,8 @@ def serve(
         Round instead of truncating when converting to an integer pixel type.
     background
         Value of tiles skipped because a source's input is entirely nodata
-        (``output.bv``); also the output's nodata value.
+        (``output.bv``), also written as the output's nodata value. None: skipped tiles
+        are 0 and the output has no nodata value (so class 0 stays visible).
     creation_options
         GDAL creation options overriding the defaults (tiled, DEFLATE, BIGTIFF=IF_SAFER).
     quiet

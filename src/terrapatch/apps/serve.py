@@ -115,8 +115,8 @@ class TensorflowModelServe(App):
         Param("output.efieldx", "int", "expression field width (default: derived from the "
               "model in fully-convolutional mode, 1 otherwise)"),
         Param("output.efieldy", "int", "expression field height (default: efieldx)"),
-        Param("output.bv", "float", "value of skipped (no-data) tiles; also the output "
-              "nodata", default=0.0),
+        Param("output.bv", "float", "value of skipped (no-data) tiles, also written as the "
+              "output's nodata (unset: 0, and no nodata value)"),
         Param("optim.disabletiling", "bool", "compute the whole output as one tile",
               default=False),
         Param("optim.tilesizex", "int", "tile width in output pixels (default 256 "
@@ -169,7 +169,7 @@ class TensorflowModelServe(App):
             tile_size=None if tx is None else (tx, ty or tx),
             box=out.ext.box,
             pixel_type=out.pixel_type,
-            background=float(self.get("output.bv")),
+            background=self.get("output.bv"),
             creation_options=out.ext.creation_options or None,
             quiet=self.quiet,
             user_placeholders=placeholders,
