@@ -17,6 +17,7 @@ from typing import Any
 
 from terrapatch.errors import InputError, TerrapatchError
 from terrapatch.progress import logger, progress_bar
+from terrapatch.raster import is_remote
 
 #: How many times a task is retried after an error in a worker.
 TASK_RETRIES = 2
@@ -94,11 +95,6 @@ def _cores() -> int:
         return len(os.sched_getaffinity(0)) or 1
     except AttributeError:  # pragma: no cover - not Linux
         return os.cpu_count() or 1
-
-
-def is_remote(path: str) -> bool:
-    """Whether ``path`` is a GDAL virtual path or a URL (not checked on the workers' disks)."""
-    return path.startswith("/vsi") or "://" in path
 
 
 def _missing_paths(paths: Sequence[str]) -> list[str]:

@@ -413,4 +413,4 @@ def extract_patches(
 def _contains(patches: np.ndarray, nodata: float) -> np.ndarray:
     """Per patch: whether any value of any band equals ``nodata`` (see :func:`nodata_mask`)."""
     hits = nodata_mask(patches, nodata)
-    return hits.reshape(hits.shape[0], -1).any(axis=1)
+    return np.asarray(hits.reshape(hits.shape[0], -1).any(axis=1))

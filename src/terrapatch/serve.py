@@ -55,7 +55,13 @@ from terrapatch.engines import Engine, ModelRunError, load_engine
 from terrapatch.errors import GeometryError, InputError, ModelError
 from terrapatch.geometry import Grid, Layout
 from terrapatch.progress import logger, progress_bar
-from terrapatch.raster import Source, SourceReader, patches_from_region
+from terrapatch.raster import (
+    Source,
+    SourceReader,
+    is_remote,
+    nodata_mask,
+    patches_from_region,
+)
 from terrapatch.writer import (
     atomic_output,
     check_writable,
@@ -668,7 +674,7 @@ def _readers_key(runner: TileRunner) -> tuple[Any, ...]:
     for source in runner.sources:
         for path in source.paths:
             try:
-                stamp = 0 if cluster.is_remote(path) else os.stat(path).st_mtime_ns
+                stamp = 0 if is_remote(path) else os.stat(path).st_mtime_ns
             except OSError:
                 stamp = -1
             key.append((source.name, path, stamp))
@@ -708,7 +714,7 @@ def _open_readers_here(runner: TileRunner, where: str) -> list[SourceReader]:
     try:
         for source in runner.sources:
             for path in source.paths:
-                if not cluster.is_remote(path) and not os.path.exists(path):
+                if not is_remote(path) and not os.path.exists(path):
                     raise InputError(
                         f"{source.name}.il: {path!r} does not exist on worker "
                         f"{where} (the rasters must be visible to every worker at "
@@ -786,7 +792,7 @@ def serve_block(runner: TileRunner, tiles: Sequence[Tile], pixel_type: str,
 
 
 def _absolute(path: str) -> str:
-    return path if cluster.is_remote(path) else os.path.abspath(path)
+    return path if is_remote(path) else os.path.abspath(path)
 
 
 def _worker_paths(runner: TileRunner) -> dict[str, str]:
@@ -805,9 +811,7 @@ def _worker_paths(runner: TileRunner) -> dict[str, str]:
 def _all_nodata(data: np.ndarray, nodata: float | None) -> bool:
     if nodata is None or data.size == 0:
         return False
-    if math.isnan(nodata):
-        return bool(np.isnan(data).all())
-    return bool((data == nodata).all())
+    return bool(nodata_mask(data, nodata).all())
 
 
 # ============================================================================ job
