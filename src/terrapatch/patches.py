@@ -181,6 +181,7 @@ def write_patches_image(
         # DEFLATE would dominate extraction time).
         profile.pop("compress", None)
         profile.pop("predictor", None)
+    profile["interleave"] = "band"  # bands are written as planes: no pixel interleaving
     rows_per_strip = patch_size_y * max(1, 16384 // max(1, patch_size_x * patch_size_y))
     profile["blockysize"] = min(rows_per_strip, n_patches * patch_size_y)
     with atomic_output(path, parameter) as tmp:
