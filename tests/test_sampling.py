@@ -650,3 +650,17 @@ def test_selection_on_the_extraction_grid_of_two_sources(tmp_path):
                                                                             start_rows)
     assert np.array_equal(p20[:, 0, 0, 0] * 2, start_cols)  # same ground at 20 m
     assert np.array_equal(p20[:, 0, 0, 1] * 2, start_rows)
+
+
+def test_group_files_are_written_together_or_not_at_all(tmp_path):
+    img = coordinate_raster(tmp_path / "c.tif", 40, 40, T10)
+    sel = S.select_patches(img, 4, 4, offset=3, strategy="split", proportions=(50, 25, 25))
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(InputError, match="outtest"):
+        sel.write(out / "train.gpkg", out / "valid.gpkg", out / "test.csv")
+    assert list(out.iterdir()) == []
+    written = sel.write(out / "train.gpkg", out / "valid.gpkg", out / "test.gpkg")
+    assert sorted(p.name for p in out.iterdir()) == ["test.gpkg", "train.gpkg", "valid.gpkg"]
+    assert set(written) == {"outtrain", "outvalid", "outtest"}
+    assert pyogrio.list_layers(out / "train.gpkg")[0][0] == "train"

@@ -26,6 +26,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from terrapatch.apps import get_app
 from terrapatch.progress import logger
 from terrapatch.testing import CLASSES, make_scene
+from terrapatch.writer import atomic_output
 
 SOURCES = ("img_10m", "img_20m")
 
@@ -192,7 +193,8 @@ def write_report(out: Path, scores: dict[str, Any], maps: dict[str, Path],
         f"| **total** | {sum(steps.seconds.values()):.1f} |", "",
     ]
     path = out / "report.md"
-    path.write_text("\n".join(lines))
+    with atomic_output(path, "report") as tmp:
+        tmp.write_text("\n".join(lines))
     return path
 
 

@@ -50,7 +50,7 @@ from terrapatch.geometry import Grid, Layout, crs_label
 from terrapatch.progress import logger, progress_bar
 from terrapatch.raster import is_remote, nodata_mask
 from terrapatch.vector import read_layers, write_points
-from terrapatch.writer import atomic_output, check_writable
+from terrapatch.writer import atomic_output, check_writable, output_group
 
 PathLike = str | os.PathLike[str]
 
@@ -108,14 +108,15 @@ class Samples:
         return Samples(self.x[index], self.y[index],
                        {k: v[index] for k, v in self.fields.items()}, self.crs)
 
-    def write(self, path: PathLike, parameter: str = "out") -> Path:
+    def write(self, path: PathLike, parameter: str = "out", layer: str | None = None) -> Path:
         """Write the points (GPKG, GeoJSON or Shapefile, from the extension), atomically.
 
         Raises :class:`~terrapatch.errors.NoSamplesError` when there is no point.
         """
         if len(self) == 0:
             raise NoSamplesError(f"{parameter}: no point to write to {os.fspath(path)!r}")
-        return write_points(path, self.x, self.y, self.fields, crs=self.crs, parameter=parameter)
+        return write_points(path, self.x, self.y, self.fields, crs=self.crs, parameter=parameter,
+                            layer=layer)
 
 
 @dataclass(frozen=True)
@@ -181,14 +182,16 @@ class PatchSelection:
                     f"({len(self)} patches selected in all: {self.counts()})"
                 )
         written: dict[str, Path] = {}
-        for index, (key, path) in enumerate(targets.items()):
-            points = self.group(index)
-            if path is None:
-                if len(points):
-                    logger.info("PatchesSelection: %d points of group %s not written (%s not set)",
-                                len(points), GROUPS[index], key)
-                continue
-            written[key] = points.write(path, key)
+        with output_group() as stage:  # all group files appear together, or none
+            for index, (key, path) in enumerate(targets.items()):
+                points = self.group(index)
+                if path is None:
+                    if len(points):
+                        logger.info("PatchesSelection: %d points of group %s not written "
+                                    "(%s not set)", len(points), GROUPS[index], key)
+                    continue
+                points.write(stage(path, key), key, layer=Path(path).stem)
+                written[key] = Path(path)
         return written
 
 
@@ -282,11 +285,15 @@ class PolygonSamples:
         The map goes to ``class_map``, by default beside the points as
         ``<stem>.classes.json``.
         """
-        written = {parameter: self.samples.write(path, parameter)}
-        if self.class_names is not None:
-            target = Path(class_map) if class_map is not None else \
-                Path(path).with_suffix(".classes.json")
-            written["classmap"] = write_class_map(target, self.class_names, self.statistics.field)
+        written = {parameter: Path(path)}
+        with output_group() as stage:  # points and class map appear together, or neither
+            self.samples.write(stage(path, parameter), parameter, layer=Path(path).stem)
+            if self.class_names is not None:
+                target = Path(class_map) if class_map is not None else \
+                    Path(path).with_suffix(".classes.json")
+                write_class_map(stage(target, "classmap"), self.class_names,
+                                self.statistics.field)
+                written["classmap"] = target
         return written
 
 
