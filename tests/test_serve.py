@@ -419,3 +419,15 @@ def test_a_tile_is_an_independent_picklable_task(tmp_path, pair):
         np.testing.assert_allclose(values.transpose(2, 0, 1), full[:, r:r + h, c:c + w],
                                    atol=2e-6)
     runner.close()
+
+
+def test_patch_based_default_tile_bounded_by_batch_bytes():
+    from terrapatch.serve import DEFAULT_TILE_PB, PB_BATCH_BYTES, ModelGeometry, _pb_default_tile
+
+    class Big:
+        bands = 13
+
+    geometry = ModelGeometry(fields=((64, 64),), efield=(1, 1), spcscale=1)
+    side = _pb_default_tile([Big()], geometry)
+    assert side < DEFAULT_TILE_PB
+    assert side * side * 64 * 64 * 13 * 4 <= PB_BATCH_BYTES < (side + 1) ** 2 * 64 * 64 * 13 * 4

@@ -90,8 +90,11 @@ __all__ = [
 #: Default tile size (output pixels) in fully-convolutional mode: large tiles amortise
 #: the model call and the context margin (OTBTF's default of 16 is several times slower).
 DEFAULT_TILE_FCN = 256
-#: Default tile size in patch-based mode: 64×64 = 4096 patches per batch.
+#: Default (largest) tile size in patch-based mode: 64×64 = 4096 patches per batch.
 DEFAULT_TILE_PB = 64
+#: Bytes of float32 patches one patch-based batch may hold: the default tile shrinks for
+#: large receptive fields (e.g. 64×64×13 patches) so memory stays bounded.
+PB_BATCH_BYTES = 256 * 2**20
 #: Most tiles per task on a Dask cluster (fewer when the plan has few tiles per worker
 #: thread, so that every worker gets several tasks).
 CLUSTER_BLOCK_TILES = 8
@@ -1243,6 +1246,14 @@ def _crop_box(box: Sequence[int] | None, width: int, height: int) -> Box:
     return (x0, y0, x1 - x0, y1 - y0)
 
 
+def _pb_default_tile(sources: Sequence[Source], geometry: ModelGeometry) -> int:
+    """Largest patch-based tile (≤ DEFAULT_TILE_PB) whose batch fits in PB_BATCH_BYTES."""
+    per_pixel = sum(4 * rx * ry * s.bands
+                    for s, (rx, ry) in zip(sources, geometry.fields, strict=True))
+    side = math.isqrt(max(1, PB_BATCH_BYTES // max(1, per_pixel)))
+    return max(1, min(DEFAULT_TILE_PB, side))
+
+
 def prepare_serve(
     sources: Sequence[Source],
     model: Any,
@@ -1334,8 +1345,8 @@ def prepare_serve(
     if disable_tiling:
         size = (crop[2] + ex, crop[3] + ey)
     else:
-        default = DEFAULT_TILE_FCN if fullyconv else DEFAULT_TILE_PB
-        size = _pair(tile_size, "optim.tilesize") or (default, default)
+        default = DEFAULT_TILE_FCN if fullyconv else _pb_default_tile(sources, geometry)
+        size = _pair(tile_size, "optim.tilesizex") or (default, default)
     adjusted = (size[0] if size[0] % ex == 0 else (1 + size[0] // ex) * ex,
                 size[1] if size[1] % ey == 0 else (1 + size[1] // ey) * ey)
     if adjusted != size and not disable_tiling:
