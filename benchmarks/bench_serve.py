@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -75,6 +76,15 @@ def write_source(path: Path, size: int, bands: int, spacing: float, seed: int) -
                 ds.write(block[:, :h, :w], window=Window(c, r, w, h))
     tmp.rename(path)
     return path
+
+
+def workdir(path: Path | None, prefix: str) -> tuple[Any, Path]:
+    """``(TemporaryDirectory or None, directory)``: ``path`` if given, else a temp dir."""
+    if path is None:
+        tmp = tempfile.TemporaryDirectory(prefix=prefix)
+        return tmp, Path(tmp.name)
+    path.mkdir(parents=True, exist_ok=True)
+    return None, path
 
 
 def make_pair(directory: Path, size: int) -> tuple[Path, Path]:
@@ -201,13 +211,7 @@ def main() -> int:
     from terrapatch.testing.models import seed_model
 
     tile = args.tile or DEFAULT_TILE_FCN
-    tmp = None
-    if args.workdir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="bench_serve_")
-        work = Path(tmp.name)
-    else:
-        work = args.workdir
-        work.mkdir(parents=True, exist_ok=True)
+    tmp, work = workdir(args.workdir, "bench_serve_")
     try:
         keras_path = work / "seed.keras"
         seed_model(seed=0).save(keras_path)

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -42,7 +41,7 @@ import numpy as np
 import rasterio
 from rasterio.windows import Window
 
-from bench_serve import make_pair, sources
+from bench_serve import make_pair, sources, workdir
 from terrapatch import cluster
 from terrapatch.serve import ServeJob, ServeSummary, cached_engine, prepare_serve
 from terrapatch.writer import convert_pixels, geotiff_profile
@@ -138,13 +137,7 @@ def main() -> int:
 
     from terrapatch.testing.models import seed_model
 
-    tmp = None
-    if args.workdir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="bench_serve_dask_")
-        work = Path(tmp.name)
-    else:
-        work = args.workdir
-        work.mkdir(parents=True, exist_ok=True)
+    tmp, work = workdir(args.workdir, "bench_serve_dask_")
     try:
         print(f"{os.cpu_count()} CPU cores; load average {load()}")
         savedmodel = work / "seed_savedmodel"

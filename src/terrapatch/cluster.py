@@ -176,26 +176,13 @@ def run_tasks(
     desc: str,
     quiet: bool = False,
 ) -> None:
-    """Run ``func(*task)`` for every task on the cluster; call ``on_result(i, result)`` as they end.
+    """Run ``func(*task)`` for every task on the cluster; call ``on_result(i, result)``.
 
     Tasks are retried :data:`TASK_RETRIES` times after an error, and rescheduled by Dask
-    when a worker dies. A task that still fails aborts the run with its error.
+    when a worker dies. A task that still fails aborts the run with its error. Results
+    are handed over in task order with a bounded number in flight (:func:`run_ordered`).
     """
-    distributed = _import_distributed()
-    futures = client.map(func, *zip(*tasks, strict=True), retries=TASK_RETRIES, pure=False) \
-        if tasks else []
-    index = {f.key: i for i, f in enumerate(futures)}
-    try:
-        with progress_bar(len(futures), desc, unit="task", quiet=quiet) as bar:
-            for future in distributed.as_completed(futures):
-                result = _task_result(future, index[future.key], desc)
-                on_result(index[future.key], result)
-                future.release()
-                bar.update(1)
-    finally:
-        for future in futures:
-            future.cancel()
-    logger.debug("%s: %d tasks done on %s", desc, len(futures), client)
+    run_ordered(client, func, tasks, on_result, desc, quiet=quiet)
 
 
 def run_ordered(
