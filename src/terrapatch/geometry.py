@@ -245,12 +245,7 @@ class Layout:
             raise InputError(
                 f"{len(self.grids)} sources but {len(self.fields)} receptive fields given"
             )
-        if isinstance(self.factor, bool) or not float(self.factor).is_integer() or self.factor < 1:
-            raise InputError(
-                f"{self.factor_key}: {self.factor!r} is not a positive integer "
-                "(terrapatch keeps the sampling grid on source-1 grid lines)"
-            )
-        object.__setattr__(self, "factor", int(self.factor))
+        object.__setattr__(self, "factor", check_factor(self.factor, self.factor_key))
         for g, (rx, ry) in zip(self.grids, self.fields, strict=True):
             if rx < 1 or ry < 1:
                 raise InputError(f"{g.name}: patch size / receptive field {rx}×{ry} must be ≥ 1")
@@ -429,3 +424,192 @@ class Layout:
             c0, r0 = int(cols[0]), int(rows[0])
             regions.append(Window(c0, r0, int(cols[-1]) + rx - c0, int(rows[-1]) + ry - r0))
         return regions
+
+
+# ============================================================================ output tiling
+
+#: ``(col_off, row_off, width, height)`` in output-grid pixels.
+Box = tuple[int, int, int, int]
+
+
+def spacing_ratios(grids: Sequence[Grid], spacing: tuple[float, float]
+                   ) -> list[tuple[int, int]] | None:
+    """Pixels of each grid per ``spacing`` (per axis), when all are integers ≥ 1.
+
+    ``spacing`` is an output spacing, e.g. ``spcscale · s_1``; the ratios are
+    ``spacing / s_i`` with the module's one integrality tolerance. None when any
+    ratio is not an integer ≥ 1.
+    """
+    out: list[tuple[int, int]] = []
+    for g in grids:
+        pair = []
+        for dim in (0, 1):
+            ratio = spacing[dim] / g.spacing[dim]
+            if not _is_integer(ratio) or round(ratio) < 1:
+                return None
+            pair.append(round(ratio))
+        out.append((pair[0], pair[1]))
+    return out
+
+
+def serving_strides(grids: Sequence[Grid], spcscale: int, fullyconv: bool
+                    ) -> list[tuple[int, int]] | None:
+    """Source pixels per output pixel of each source, per axis, if integers.
+
+    Fully-convolutional: ``spcscale · s_1 / s_i``. Patch-based models see only
+    patches, so their own scale is used when that is not integral: coarsest
+    spacing / ``s_i``.
+    """
+    s1 = grids[0].spacing
+    found = spacing_ratios(grids, (spcscale * s1[0], spcscale * s1[1]))
+    if found is None and not fullyconv:
+        coarse = (max(g.spacing[0] for g in grids), max(g.spacing[1] for g in grids))
+        found = spacing_ratios(grids, coarse)
+    return found
+
+
+def spcscale_hint(grids: Sequence[Grid]) -> str:
+    """A sentence proposing an output scale on which every source spacing divides."""
+    coarse = max(g.spacing[0] for g in grids) / grids[0].spacing[0]
+    if _is_integer(coarse) and round(coarse) > 1:
+        return f"try output.spcscale={round(coarse)}"
+    return "give output.spcscale so that every source spacing divides the output spacing"
+
+
+def check_factor(value: Any, parameter: str = "output.spcscale") -> int:
+    """Return a sampling-grid factor as an int; raise unless it is a positive integer."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if isinstance(value, bool) or not number.is_integer() or number < 1:
+        raise InputError(
+            f"{parameter}: {value!r} is not a positive integer "
+            "(terrapatch keeps the sampling grid on source-1 grid lines)"
+        )
+    return int(number)
+
+
+def crop_box(box: Sequence[int] | None, width: int, height: int) -> tuple[Box, bool]:
+    """Crop a ``(startx, starty, sizex, sizey)`` box to a ``width × height`` grid.
+
+    Returns the cropped box and whether cropping changed it; None gives the whole
+    grid.
+
+    Raises
+    ------
+    InputError
+        If the box is malformed or has a non-positive size.
+    GeometryError
+        If the box does not overlap the grid.
+    """
+    if box is None:
+        return (0, 0, width, height), False
+    if len(box) != 4:
+        raise InputError(f"box: expected (startx, starty, sizex, sizey), got {box!r}")
+    bx, by, bw, bh = (int(v) for v in box)
+    if bw < 1 or bh < 1:
+        raise InputError(f"box: size {bw}×{bh} must be positive")
+    x0, y0 = max(bx, 0), max(by, 0)
+    x1, y1 = min(bx + bw, width), min(by + bh, height)
+    if x1 <= x0 or y1 <= y0:
+        raise GeometryError(
+            f"box={bx}:{by}:{bw}:{bh} does not overlap the output grid ({width}×{height} "
+            "pixels; box coordinates are output-grid pixel indices)"
+        )
+    cropped = (x0, y0, x1 - x0, y1 - y0)
+    return cropped, cropped != (bx, by, bw, bh)
+
+
+def align_size(size: tuple[int, int], efield: tuple[int, int]) -> tuple[int, int]:
+    """Enlarge a tile size to the next multiple of the expression field, per axis."""
+    return (-(-size[0] // efield[0]) * efield[0], -(-size[1] // efield[1]) * efield[1])
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One unit of work: an aligned block of output pixels and the part of it to write.
+
+    Attributes
+    ----------
+    index
+        Position in the plan.
+    window
+        ``(col_off, row_off, width, height)`` computed, in output-grid pixels; aligned
+        on the expression field.
+    target
+        ``(col_off, row_off, width, height)`` written (inside ``window`` and the box).
+    """
+
+    index: int
+    window: Box
+    target: Box
+
+
+def plan_tiles(width: int, height: int, box: Box, tile_size: tuple[int, int],
+               efield: tuple[int, int]) -> tuple[Tile, ...]:
+    """Cut ``box`` of a ``width × height`` output grid into tiles aligned on ``efield``.
+
+    The tile grid is anchored at the box origin (rounded down to the expression
+    field), so tiles match the blocks of the written file; each tile's window is its
+    target enlarged to the expression field and cropped to the grid. Tiles are in
+    row-major order.
+    """
+    bx, by, bw, bh = box
+    tx, ty = tile_size
+    ex, ey = efield
+    ax, ay = bx - bx % ex, by - by % ey
+    tiles: list[Tile] = []
+    for y0 in range(ay, by + bh, ty):
+        for x0 in range(ax, bx + bw, tx):
+            tcx0, tcy0 = max(x0, bx), max(y0, by)
+            tcx1, tcy1 = min(x0 + tx, bx + bw), min(y0 + ty, by + bh)
+            if tcx1 <= tcx0 or tcy1 <= tcy0:
+                continue
+            wx0, wy0 = tcx0 - tcx0 % ex, tcy0 - tcy0 % ey
+            wx1 = min(width, -(-tcx1 // ex) * ex)
+            wy1 = min(height, -(-tcy1 // ey) * ey)
+            tiles.append(Tile(len(tiles), (wx0, wy0, wx1 - wx0, wy1 - wy0),
+                              (tcx0, tcy0, tcx1 - tcx0, tcy1 - tcy0)))
+    return tuple(tiles)
+
+
+@dataclass(frozen=True)
+class Block:
+    """Consecutive tiles of one tile row: one task on a cluster, one file of a block sink.
+
+    Attributes
+    ----------
+    index
+        Position in the plan.
+    tiles
+        The tiles, left to right.
+    """
+
+    index: int
+    tiles: tuple[Tile, ...]
+
+    @property
+    def target(self) -> Box:
+        """``(col_off, row_off, width, height)`` covered by the tiles' targets."""
+        first, last = self.tiles[0].target, self.tiles[-1].target
+        return (first[0], first[1], last[0] + last[2] - first[0], first[3])
+
+
+def plan_blocks(tiles: Sequence[Tile], block_tiles: int) -> tuple[Block, ...]:
+    """Group a row-major tile plan into blocks of at most ``block_tiles`` tiles of one row.
+
+    A block never spans two tile rows, so its targets form one rectangle.
+    """
+    if block_tiles < 1:
+        raise InputError(f"block_tiles: {block_tiles!r} must be ≥ 1")
+    blocks: list[Block] = []
+    current: list[Tile] = []
+    for tile in tiles:
+        if current and (tile.target[1] != current[0].target[1] or len(current) == block_tiles):
+            blocks.append(Block(len(blocks), tuple(current)))
+            current = []
+        current.append(tile)
+    if current:
+        blocks.append(Block(len(blocks), tuple(current)))
+    return tuple(blocks)

@@ -101,10 +101,13 @@ class ExtendedFilename:
         ``(startx, starty, sizex, sizey)`` in output-grid pixels, or None.
     creation_options
         GDAL creation options from ``gdal:co:KEY=VALUE`` entries (keys upper-cased).
+    driver
+        Output format from a ``gdal:of:NAME`` entry (upper-cased, e.g. ``COG``), or None.
     """
 
     box: tuple[int, int, int, int] | None = None
     creation_options: dict[str, str] = field(default_factory=dict)
+    driver: str | None = None
 
 
 def split_extended_path(path: str | os.PathLike[str]) -> tuple[Path, str]:
@@ -119,16 +122,23 @@ def split_extended_path(path: str | os.PathLike[str]) -> tuple[Path, str]:
 def parse_extended_filename(text: str | None, parameter: str = "ext_fname") -> ExtendedFilename:
     """Parse an OTB extended file name string such as ``"box=0:0:64:64&gdal:co:COMPRESS=LZW"``.
 
-    Keys other than ``box`` and ``gdal:co:*`` are rejected with an error naming them,
-    except OTB streaming hints (``streaming:*``), which are accepted and ignored.
+    Keys other than ``box``, ``gdal:co:*`` and ``gdal:of:NAME`` (output format, e.g.
+    ``gdal:of:COG``) are rejected with an error naming them, except OTB streaming hints
+    (``streaming:*``), which are accepted and ignored.
     """
     box = None
+    driver: str | None = None
     options: dict[str, str] = {}
     if not text:
         return ExtendedFilename()
     for item in text.strip().lstrip("?").split("&"):
         item = item.strip()
         if not item:
+            continue
+        if item.lower().startswith("gdal:of:"):
+            driver = item[len("gdal:of:"):].strip().upper()
+            if not driver:
+                raise InputError(f"{parameter}: entry {item!r} names no output format")
             continue
         key, sep, value = item.partition("=")
         if not sep:
@@ -153,9 +163,9 @@ def parse_extended_filename(text: str | None, parameter: str = "ext_fname") -> E
         else:
             raise InputError(
                 f"{parameter}: unsupported extended file name key {key!r} "
-                "(supported: box, gdal:co:KEY, streaming:*)"
+                "(supported: box, gdal:co:KEY, gdal:of:NAME, streaming:*)"
             )
-    return ExtendedFilename(box=box, creation_options=options)
+    return ExtendedFilename(box=box, creation_options=options, driver=driver)
 
 
 def check_writable(path: str | os.PathLike[str], parameter: str) -> Path:
@@ -171,7 +181,7 @@ def check_writable(path: str | os.PathLike[str], parameter: str) -> Path:
     return target
 
 
-def _umask() -> int:
+def current_umask() -> int:
     """The process umask, read without changing it (os.umask is racy with threads)."""
     try:
         with open("/proc/self/status", encoding="ascii") as status:
@@ -183,11 +193,13 @@ def _umask() -> int:
     return 0o022
 
 
-def _cannot_write(exc: BaseException, path: str | os.PathLike[str], parameter: str) -> OutputError:
+def cannot_write(exc: BaseException, path: str | os.PathLike[str], parameter: str) -> OutputError:
+    """The one-line error for an I/O failure ``exc`` while writing the output ``path``."""
     return OutputError(f"{parameter}: cannot write {os.fspath(path)!r} ({exc})")
 
 
-def _is_write_failure(exc: BaseException) -> bool:
+def is_write_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is an I/O failure of GDAL or the OS (not one of terrapatch's errors)."""
     from rasterio.errors import RasterioError
 
     return isinstance(exc, OSError | RasterioError) and not isinstance(exc, TerrapatchError)
@@ -214,13 +226,13 @@ def atomic_output(path: str | os.PathLike[str], parameter: str = "out") -> Itera
             leftover = Path(str(tmp) + sidecar)
             if leftover.exists():
                 leftover.unlink()
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, target)
     except BaseException as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        if _is_write_failure(exc):
-            raise _cannot_write(exc, path, parameter) from exc
+        if is_write_failure(exc):
+            raise cannot_write(exc, path, parameter) from exc
         raise
 
 
@@ -241,7 +253,7 @@ def atomic_directory(path: str | os.PathLike[str], parameter: str = "out") -> It
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".part", dir=parent))
     try:
         yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())
+        os.chmod(tmp, 0o777 & ~current_umask())
         old = None
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=parent))
@@ -256,8 +268,8 @@ def atomic_directory(path: str | os.PathLike[str], parameter: str = "out") -> It
             shutil.rmtree(old, ignore_errors=True)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        if _is_write_failure(exc):
-            raise _cannot_write(exc, path, parameter) from exc
+        if is_write_failure(exc):
+            raise cannot_write(exc, path, parameter) from exc
         raise
 
 
@@ -331,7 +343,7 @@ def output_group() -> Iterator[Callable[..., Path]]:
         for pending, target, parameter in staged:
             current = parameter
             for item in family(pending):
-                os.chmod(item, 0o666 & ~_umask())
+                os.chmod(item, 0o666 & ~current_umask())
             for item in family(pending):
                 os.replace(item, target.with_name(target.stem + item.name[len(pending.stem):]))
     except BaseException as exc:
@@ -339,8 +351,8 @@ def output_group() -> Iterator[Callable[..., Path]]:
             for item in family(pending) if pending.parent.is_dir() else []:
                 with contextlib.suppress(OSError):
                     item.unlink()
-        if _is_write_failure(exc):
+        if is_write_failure(exc):
             where = staged[-1] if staged else None
             name = where[1] if where else "output"
-            raise _cannot_write(exc, name, where[2] if where else current) from exc
+            raise cannot_write(exc, name, where[2] if where else current) from exc
         raise

@@ -1,0 +1,71 @@
+"""ModelServe: apply a model to whole rasters, streaming tile by tile into a map.
+
+:func:`serve` is terrapatch's ``TensorflowModelServe``: N sources, each at its own
+resolution with its receptive field, feed a model (TF SavedModel, ``.keras`` or
+ONNX, see :mod:`terrapatch.engines`) in *patch-based* mode (one patch per source
+per output pixel) or *fully-convolutional* mode (one tensor per source per tile),
+and the outputs are stacked as bands of a georeferenced map on the output grid of
+:class:`terrapatch.geometry.Layout`.
+
+The package has one module per job (docs/serve.md shows the flow):
+
+- :mod:`~terrapatch.serve.binding`: which model input each source feeds, which
+  outputs are served;
+- :mod:`~terrapatch.serve.probe`: receptive fields and expression field derived
+  from the model, and checked;
+- :mod:`~terrapatch.serve.runner`: one tile (read → infer → assemble);
+- :mod:`~terrapatch.serve.pipeline`: local threads (read ahead, write behind);
+- :mod:`~terrapatch.serve.caches`: per-worker model and reader caches;
+- :mod:`~terrapatch.serve.distributed`: blocks of tiles as Dask tasks;
+- :mod:`~terrapatch.serve.sinks`: where tiles go (ordered GeoTIFF writer, block
+  files), assembly, COG and VRT;
+- :mod:`~terrapatch.serve.output`: the map's format and its locked pending folder;
+- :mod:`~terrapatch.serve.journal`: the resume journal;
+- :mod:`~terrapatch.serve.job`: :func:`prepare_serve`, :class:`ServeJob`,
+  :func:`serve`.
+"""
+
+from terrapatch.geometry import Block, Tile, plan_blocks, plan_tiles
+from terrapatch.serve.caches import cached_engine
+from terrapatch.serve.distributed import BlockResult, serve_block, write_block
+from terrapatch.serve.job import (
+    CLUSTER_BLOCK_TILES,
+    DEFAULT_TILE_FCN,
+    DEFAULT_TILE_PB,
+    PB_BATCH_BYTES,
+    SINKS,
+    ServeJob,
+    ServeSummary,
+    prepare_serve,
+    serve,
+)
+from terrapatch.serve.journal import BlockStatus
+from terrapatch.serve.output import MapFormat
+from terrapatch.serve.probe import ModelGeometry, derive_geometry
+from terrapatch.serve.runner import ServeStats, TileRunner
+
+__all__ = [
+    "CLUSTER_BLOCK_TILES",
+    "DEFAULT_TILE_FCN",
+    "DEFAULT_TILE_PB",
+    "PB_BATCH_BYTES",
+    "SINKS",
+    "Block",
+    "BlockResult",
+    "BlockStatus",
+    "MapFormat",
+    "ModelGeometry",
+    "ServeJob",
+    "ServeStats",
+    "ServeSummary",
+    "Tile",
+    "TileRunner",
+    "cached_engine",
+    "derive_geometry",
+    "plan_blocks",
+    "plan_tiles",
+    "prepare_serve",
+    "serve",
+    "serve_block",
+    "write_block",
+]

@@ -1,0 +1,857 @@
+"""A serving run: validate and plan it (:func:`prepare_serve`), then run it (:class:`ServeJob`).
+
+The flow (docs/serve.md)::
+
+    prepare_serve ── binding (inputs/outputs) ── probe (rf/ef) ── geometry (layout, tiles)
+         │
+    ServeJob.run ── PendingOutput (lock, leftovers, resume state)
+         ├─ ordered sink: tiles → pipeline (local threads) or Dask pixels → OrderedWriter
+         └─ block sink:   blocks → pipeline + BlockSink (local) or Dask write_block (workers)
+                          → journal → assemble (GeoTIFF) | VRT mosaic
+         └─ COG: GDAL's COG driver copies the GeoTIFF, with overviews → commit
+
+The local driver runs the model in this process with a reader and a writer
+thread; the Dask driver ships blocks of tiles to a cluster. Either way the map is
+the same (invariant I4), and only a complete map appears under its name.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+from affine import Affine
+
+import terrapatch
+from terrapatch import cluster
+from terrapatch.engines import Engine, load_engine
+from terrapatch.errors import InputError, ModelError
+from terrapatch.geometry import (
+    Block,
+    Box,
+    Grid,
+    Layout,
+    Tile,
+    align_size,
+    check_factor,
+    crop_box,
+    plan_blocks,
+    plan_tiles,
+)
+from terrapatch.progress import logger, progress_bar
+from terrapatch.raster import Source, SourceReader, is_remote
+from terrapatch.serve import distributed
+from terrapatch.serve.binding import resolve_inputs, resolve_outputs
+from terrapatch.serve.journal import BlockStatus, Journal, fingerprint, hash_files
+from terrapatch.serve.output import MapFormat, PendingOutput
+from terrapatch.serve.pipeline import run_pipeline
+from terrapatch.serve.probe import (
+    ModelGeometry,
+    check_geometry,
+    derive_geometry,
+    efield_for_fields,
+    probe_tile,
+)
+from terrapatch.serve.runner import ServeStats, TileRunner
+from terrapatch.serve.sinks import (
+    BlockSink,
+    BlockStore,
+    OrderedWriter,
+    assemble_blocks,
+    to_cog,
+    write_vrt,
+)
+from terrapatch.writer import check_writable, convert_pixels, pixel_dtype
+
+__all__ = [
+    "CLUSTER_BLOCK_TILES",
+    "DEFAULT_TILE_FCN",
+    "DEFAULT_TILE_PB",
+    "PB_BATCH_BYTES",
+    "SINKS",
+    "ServeJob",
+    "ServeSummary",
+    "prepare_serve",
+    "serve",
+]
+
+#: Default tile size (output pixels) in fully-convolutional mode: large tiles amortise
+#: the model call and the context margin (OTBTF's default of 16 is several times slower).
+DEFAULT_TILE_FCN = 256
+#: Default (largest) tile size in patch-based mode: 64×64 = 4096 patches per batch.
+DEFAULT_TILE_PB = 64
+#: Bytes of float32 patches one patch-based batch may hold: the default tile shrinks for
+#: large receptive fields (e.g. 64×64×13 patches) so memory stays bounded.
+PB_BATCH_BYTES = 256 * 2**20
+#: Most tiles per block (one cluster task, one block file).
+CLUSTER_BLOCK_TILES = 8
+#: Tasks per worker thread aimed at when choosing the ordered sink's block size.
+CLUSTER_TASKS_PER_THREAD = 4
+#: Blocks per run aimed at by the block sink's default block size (independent of the
+#: cluster, so that a run resumes on any number of workers).
+BLOCKS_PER_RUN = 16
+#: Where finished tiles go: one ordered writer, or block files written where computed.
+SINKS = ("ordered", "blocks")
+
+
+@dataclass(frozen=True)
+class ServeSummary:
+    """What :func:`serve` wrote.
+
+    Attributes
+    ----------
+    path
+        Output file.
+    width, height, bands
+        Size of the written raster.
+    dtype
+        Pixel type written.
+    transform, crs
+        Georeference of the written raster (the box of the output grid).
+    box
+        ``(col_off, row_off, width, height)`` of the written part of the output grid.
+    output_grid
+        The full output grid.
+    geometry
+        Receptive fields, expression field and spcscale served.
+    derived
+        Whether the geometry was (partly) derived from the model.
+    fullyconv
+        Mode.
+    output_names
+        Outputs stacked as bands.
+    tile_size
+        Tile size used.
+    tiles, skipped_tiles
+        Number of tiles, and of tiles filled with the background because a source was
+        entirely nodata.
+    seconds, read_seconds, compute_seconds, write_seconds
+        Wall time of the run, and time spent reading, in the model and writing (these
+        overlap).
+    driver
+        Format written: ``GTiff``, ``COG`` or ``VRT``.
+    sink
+        ``ordered`` (one writer) or ``blocks`` (block files, assembled or mosaicked).
+    blocks, resumed_blocks
+        Blocks of the block sink, and how many of them an earlier run had finished.
+    assemble_seconds
+        Time spent assembling blocks and converting to COG, after the tiles.
+    """
+
+    path: Path
+    width: int
+    height: int
+    bands: int
+    dtype: str
+    transform: Affine
+    crs: Any
+    box: Box
+    output_grid: Grid
+    geometry: ModelGeometry
+    derived: bool
+    fullyconv: bool
+    output_names: tuple[str, ...]
+    tile_size: tuple[int, int]
+    tiles: int
+    skipped_tiles: int
+    seconds: float
+    read_seconds: float
+    compute_seconds: float
+    write_seconds: float
+    driver: str = "GTiff"
+    sink: str = "ordered"
+    blocks: int = 0
+    resumed_blocks: int = 0
+    assemble_seconds: float = 0.0
+
+    @property
+    def pixels_per_second(self) -> float:
+        """Output pixels written per second of wall time."""
+        return self.width * self.height / self.seconds if self.seconds > 0 else float("inf")
+
+
+@dataclass
+class ServeJob:
+    """A validated serving run: engine, geometry, layout, tile plan; :meth:`run` writes it.
+
+    Build it with :func:`prepare_serve`.
+    """
+
+    sources: list[Source]
+    engine: Engine
+    layout: Layout
+    geometry: ModelGeometry
+    derived: bool
+    runner: TileRunner
+    box: Box
+    tile_size: tuple[int, int]
+    tiles: tuple[Tile, ...]
+    model_path: str | None = None
+
+    @property
+    def output_grid(self) -> Grid:
+        """The full output grid."""
+        return self.layout.output_grid.grid
+
+    @property
+    def transform(self) -> Affine:
+        """Transform of the written raster (box origin)."""
+        return self.output_grid.transform @ Affine.translation(self.box[0], self.box[1])
+
+    def block_cache_bytes(self, dtype: np.dtype) -> int:
+        """GDAL block cache for this run: a row of tiles of every source and of the output.
+
+        Enough to decompress every input block once (tiles of a row share blocks with
+        the next row through their context), small enough that memory depends on the
+        tile size and the raster width, not on the raster size. Never above GDAL's
+        current setting.
+        """
+        from rasterio.env import get_gdal_config
+
+        current = get_gdal_config("GDAL_CACHEMAX")
+        col, row, width, height = self.tiles[0].window if self.tiles else (0, 0, 1, 1)
+        total = 0
+        for source, grid, region in zip(self.sources, self.layout.grids,
+                                        self.layout.tile_regions(col, row, width, height),
+                                        strict=True):
+            rows = int(region.height) + 2 * 256
+            total += grid.width * rows * source.bands * source.dtype.itemsize
+        total += self.box[2] * (self.tile_size[1] + 256) * self.runner.bands * dtype.itemsize
+        wanted = max(64 * 2**20, int(1.5 * total))
+        try:
+            limit = int(current)
+        except (TypeError, ValueError):
+            return wanted
+        if limit < 100_000:  # GDAL reads small values as megabytes
+            limit *= 2**20
+        return min(wanted, limit)
+
+    def default_block_tiles(self, threads: int) -> int:
+        """Tiles per cluster task of the ordered sink for ``threads`` task slots.
+
+        At most :data:`CLUSTER_BLOCK_TILES`, fewer when that would give a worker thread
+        fewer than :data:`CLUSTER_TASKS_PER_THREAD` tasks.
+        """
+        per_task = len(self.tiles) // max(1, CLUSTER_TASKS_PER_THREAD * threads)
+        return max(1, min(CLUSTER_BLOCK_TILES, per_task))
+
+    def block_sink_tiles(self) -> int:
+        """Tiles per block of the block sink: a function of the plan only (resumable anywhere).
+
+        At most :data:`CLUSTER_BLOCK_TILES`, fewer for plans of under
+        :data:`BLOCKS_PER_RUN` full blocks.
+        """
+        return max(1, min(CLUSTER_BLOCK_TILES, len(self.tiles) // BLOCKS_PER_RUN))
+
+    def cluster_runner(self) -> TileRunner:
+        """The tile runner to ship to a cluster: absolute paths, the model as a path.
+
+        Raises
+        ------
+        InputError
+            If the model was given in memory (workers need a file or directory).
+        """
+        return distributed.movable_runner(self.runner, self.model_path)
+
+    def journal_parts(self, settings: Mapping[str, Any]) -> dict[str, str]:
+        """Hashes tying a resume journal to this run: inputs, model, parameters, version.
+
+        Raises
+        ------
+        InputError
+            If the model is in memory (it cannot be hashed: resume needs a model file).
+        """
+        if self.model_path is None:
+            raise InputError("resume: resuming needs the model as a file or SavedModel "
+                             "directory (an in-memory model cannot be tied to a journal)")
+        inputs = []
+        for source in self.sources:
+            stamps = []
+            for path in source.paths:
+                if is_remote(path):
+                    stamps.append(path)
+                else:
+                    stat = os.stat(path)
+                    stamps.append(f"{path}:{stat.st_size}:{stat.st_mtime_ns}")
+            inputs.append([source.name, stamps, source.bands, source.dtype.name, source.nodata,
+                           list(source.grid.transform)[:6], source.grid.width,
+                           source.grid.height])
+        runner = self.runner
+        parameters = {
+            "fields": self.geometry.fields, "efield": self.geometry.efield,
+            "spcscale": self.geometry.spcscale, "fullyconv": runner.fullyconv,
+            "inputs": runner.input_names, "outputs": runner.output_names,
+            "user_inputs": {k: np.asarray(v).tolist() for k, v in runner.user_inputs.items()},
+            "box": self.box, "tile_size": self.tile_size, **settings,
+        }
+        model = hash_files(distributed.model_files(self.model_path))
+        return {"inputs": fingerprint(inputs), "model": model,
+                "parameters": fingerprint(parameters), "version": terrapatch.__version__}
+
+    def run(self, out: str | os.PathLike[str], pixel_type: str | np.dtype = "float32",
+            rounding: bool = False, background: float | None = None,
+            creation_options: Mapping[str, str] | None = None, quiet: bool = False,
+            prefetch: int = 2, scheduler: Any = None, workers: int | None = None,
+            block_tiles: int | None = None, resume: bool = False,
+            output_format: str | None = None, overview_resampling: str | None = None,
+            colormap: Mapping[int, Sequence[int]] | None = None,
+            class_names: Sequence[str] | None = None,
+            sink: str | None = None) -> ServeSummary:
+        """Compute every tile and write the map ``out`` (atomically); see :func:`serve`."""
+        dtype = pixel_dtype(pixel_type, parameter="out (pixel type)")
+        fill = convert_pixels(np.asarray([background or 0.0], dtype=np.float64), dtype)[0]
+        if block_tiles is not None and int(block_tiles) < 1:
+            raise InputError(f"block_tiles: {block_tiles!r} must be ≥ 1")
+        if sink is not None and sink not in SINKS:
+            raise InputError(f"sink: {sink!r} is not one of {', '.join(SINKS)}")
+        fmt = MapFormat.for_path(
+            out, output_format, dict(creation_options or {}), overview_resampling,
+            {int(k): tuple(v) for k, v in colormap.items()} if colormap else None,
+            list(class_names) if class_names else None)
+        self._check_not_an_input(out)
+        on_cluster = scheduler is not None or workers is not None
+        blocks_sink = resume or fmt.blocks_only or (on_cluster and sink != "ordered")
+        if sink == "ordered" and blocks_sink:
+            why = "resume" if resume else "a VRT output"
+            raise InputError(f"sink: 'ordered' cannot be used with {why}, which needs the "
+                             "block sink")
+        bw, bh = self.box[2], self.box[3]
+        # The background becomes the output's nodata only when given: with OTBTF's default
+        # of 0, a nodata tag would hide class 0 of every classification map.
+        nodata = None if background is None else float(fill)
+        profile = fmt.tiff_profile(bw, bh, self.runner.bands, dtype, self.output_grid.crs,
+                                   self.transform, nodata)
+        stats = ServeStats()
+        run = _Run(self, fmt, dtype, rounding, fill, nodata, profile, stats, quiet, prefetch)
+        start = time.perf_counter()
+        with PendingOutput(out, resume=resume) as pending, \
+                rasterio.Env(GDAL_CACHEMAX=self.block_cache_bytes(dtype)):
+            run.pending = pending
+            if on_cluster:
+                with cluster.client_for(scheduler, workers) as client:
+                    where = run.on_cluster(client, blocks_sink, block_tiles, resume)
+            else:
+                where = "in process"
+                if blocks_sink:
+                    run.blocks_locally(block_tiles, resume)
+                else:
+                    run.ordered_locally()
+            run.finish()
+        seconds = time.perf_counter() - start
+        logger.info(
+            "wrote %s: %d×%d px, %d band(s) %s, %s, %d tile(s) (%d skipped), %.1f s, %.0f px/s "
+            "(%s)", os.fspath(out), bw, bh, self.runner.bands, dtype.name, fmt.driver,
+            len(self.tiles), stats.skipped, seconds, bw * bh / max(seconds, 1e-9), where,
+        )
+        runner = self.runner
+        return ServeSummary(
+            path=Path(out), width=bw, height=bh, bands=runner.bands, dtype=dtype.name,
+            transform=self.transform, crs=self.output_grid.crs, box=self.box,
+            output_grid=self.output_grid, geometry=self.geometry, derived=self.derived,
+            fullyconv=runner.fullyconv, output_names=tuple(runner.output_names),
+            tile_size=self.tile_size, tiles=len(self.tiles), skipped_tiles=stats.skipped,
+            seconds=seconds, read_seconds=stats.read, compute_seconds=stats.compute,
+            write_seconds=stats.write, driver=fmt.driver,
+            sink="blocks" if blocks_sink else "ordered", blocks=run.n_blocks,
+            resumed_blocks=run.resumed, assemble_seconds=run.assemble_seconds,
+        )
+
+    def _check_not_an_input(self, out: str | os.PathLike[str]) -> None:
+        """Refuse an output path that is one of the run's inputs (it would be replaced)."""
+        target = os.path.realpath(out)
+        for source in self.sources:
+            for path in source.paths:
+                if not is_remote(path) and os.path.realpath(path) == target:
+                    raise InputError(f"out: {os.fspath(out)!r} is also {source.name}.il; "
+                                     "the map would replace its input")
+        if self.model_path is not None and os.path.realpath(self.model_path) == target:
+            raise InputError(f"out: {os.fspath(out)!r} is the model (model.dir)")
+
+
+class _Run:
+    """The state of one :meth:`ServeJob.run`: which sink, the pending folder, the drivers."""
+
+    def __init__(self, job: ServeJob, fmt: MapFormat, dtype: np.dtype, rounding: bool,
+                 fill: Any, nodata: float | None, profile: dict[str, Any], stats: ServeStats,
+                 quiet: bool, prefetch: int) -> None:
+        self.job = job
+        self.fmt = fmt
+        self.dtype = dtype
+        self.rounding = rounding
+        self.fill = fill
+        self.nodata = nodata
+        self.profile = profile
+        self.stats = stats
+        self.quiet = quiet
+        self.prefetch = prefetch
+        self.pending: PendingOutput | None = None
+        self.store: BlockStore | None = None
+        self.blocks: tuple[Block, ...] = ()
+        self.n_blocks = 0
+        self.resumed = 0
+        self.assemble_seconds = 0.0
+        self.map_file: Path | None = None
+
+    # ------------------------------------------------------------------ local
+
+    def _local(self, tiles: Sequence[Tile], put: Any) -> None:
+        """Serve ``tiles`` in this process: reader thread, model here, writer thread."""
+        runner, stats, dtype = self.job.runner, self.stats, self.dtype
+        local: dict[str, list[SourceReader]] = {}
+
+        def read(tile: Tile) -> dict[str, np.ndarray] | None:
+            t0 = time.perf_counter()
+            if "readers" not in local:
+                local["readers"] = runner.open_readers()
+            feed = runner.read(local["readers"], tile)
+            stats.add("read", time.perf_counter() - t0)
+            return feed
+
+        def close_readers() -> None:
+            for reader in local.pop("readers", []):
+                reader.close()
+
+        with progress_bar(len(tiles), "TensorflowModelServe", unit="tile",
+                          quiet=self.quiet) as bar:
+
+            def write(tile: Tile, values: np.ndarray | None) -> None:
+                t0 = time.perf_counter()
+                pixels = None if values is None else \
+                    convert_pixels(values, dtype, self.rounding).transpose(2, 0, 1)
+                put(tile, pixels)
+                stats.add("write", time.perf_counter() - t0)
+                bar.update(1)
+
+            def infer(tile: Tile, feed: dict[str, np.ndarray] | None) -> np.ndarray | None:
+                if feed is None:
+                    stats.add("skipped", 1)
+                    return None
+                return runner.infer(self.job.engine, tile, feed, stats)
+
+            run_pipeline(tiles, read, infer, write, close_readers, self.prefetch)
+
+    def _writer(self) -> OrderedWriter:
+        assert self.pending is not None
+        self.map_file = self.pending.file("map.tif")
+        return OrderedWriter(self.map_file, self.profile, self.job.box, self.fill, self.fmt)
+
+    def ordered_locally(self) -> None:
+        """The ordered sink in this process (the default)."""
+        with self._writer() as writer:
+            self._local(self.job.tiles, writer.put)
+
+    def _open_blocks(self, block_tiles: int | None, resume: bool) -> tuple[Journal, list[Block]]:
+        """Plan the blocks, open the journal; return it and the blocks still to compute."""
+        assert self.pending is not None
+        job = self.job
+        size = int(block_tiles) if block_tiles else job.block_sink_tiles()
+        self.blocks = plan_blocks(job.tiles, size)
+        self.n_blocks = len(self.blocks)
+        folder = self.pending.file("blocks")
+        folder.mkdir(exist_ok=True)
+        self.store = BlockStore(folder, self.fmt, job.runner.bands, self.dtype.name,
+                                job.output_grid.crs, job.output_grid.transform, self.nodata,
+                                self.fill)
+        settings = {"block_tiles": size, "dtype": self.dtype.name, "rounding": self.rounding,
+                    "fill": float(self.fill), "nodata": self.nodata,
+                    "format": [self.fmt.driver, self.fmt.creation_options,
+                               self.fmt.overview_resampling],
+                    "classes": [sorted((self.fmt.colormap or {}).items()),
+                                self.fmt.class_names]}
+        parts = job.journal_parts(settings) if resume else {"run": os.urandom(8).hex()}
+        journal = Journal(self.pending.dir, self.pending.target, parts, resume)
+        todo = [b for b in self.blocks if b.index not in journal.done]
+        self.resumed = len(self.blocks) - len(todo)
+        if self.resumed:
+            logger.info("resuming %s: %d of %d block(s) already done, computing %d",
+                        self.pending.target.name, self.resumed, len(self.blocks), len(todo))
+        return journal, todo
+
+    def _record(self, journal: Journal) -> Any:
+        def record(status: BlockStatus) -> None:
+            journal.record(status)
+            self.stats.add("skipped", status.skipped)
+        return record
+
+    def blocks_locally(self, block_tiles: int | None, resume: bool) -> None:
+        """The block sink in this process (resumable runs, VRT outputs)."""
+        journal, todo = self._open_blocks(block_tiles, resume)
+        assert self.store is not None
+        try:
+            sink = BlockSink(self.store, todo, self._record(journal))
+            self._local([t for b in todo for t in b.tiles], sink.put)
+        finally:
+            journal.close()
+
+    # ------------------------------------------------------------------ cluster
+
+    def on_cluster(self, client: Any, blocks_sink: bool, block_tiles: int | None,
+                   resume: bool) -> str:
+        """Serve on a Dask cluster; returns a description of where."""
+        job = self.job
+        runner = job.cluster_runner()
+        paths = distributed.worker_paths(runner)
+        cluster.check_worker_paths(client, paths, labels=paths)
+        threads = cluster.total_threads(client)
+        if blocks_sink:
+            journal, todo = self._open_blocks(block_tiles, resume)
+            assert self.store is not None
+            distributed.require_writable(client, self.store.folder)
+            size = len(self.blocks[0].tiles) if self.blocks else 0
+            where = (f"Dask, {len(client.nthreads())} worker(s), {threads} thread(s), "
+                     f"{len(todo)} block(s) of ≤ {size} tile(s) written by the workers")
+            logger.info("serving on %s: %s", client.scheduler.address, where)
+            record = self._record(journal)
+
+            def on_status(status: BlockStatus) -> None:
+                self.stats.add("read", status.read_seconds)
+                self.stats.add("compute", status.compute_seconds)
+                self.stats.add("write", status.write_seconds)
+                record(status)
+
+            try:
+                distributed.run_blocks(client, runner, self.store, todo, self.rounding,
+                                       on_status, self.quiet)
+            finally:
+                journal.close()
+            return where
+        size = int(block_tiles) if block_tiles else job.default_block_tiles(threads)
+        blocks = plan_blocks(job.tiles, size)
+        where = (f"Dask, {len(client.nthreads())} worker(s), {threads} thread(s), "
+                 f"{len(blocks)} block(s) of ≤ {size} tile(s), written here")
+        logger.info("serving on %s: %s", client.scheduler.address, where)
+        with self._writer() as writer:
+
+            def on_result(block: Block, result: distributed.BlockResult) -> None:
+                pixels, read_seconds, compute_seconds = result
+                self.stats.add("read", read_seconds)
+                self.stats.add("compute", compute_seconds)
+                t0 = time.perf_counter()
+                for tile, values in zip(block.tiles, pixels, strict=True):
+                    if values is None:
+                        self.stats.add("skipped", 1)
+                    writer.put(tile, values)
+                self.stats.add("write", time.perf_counter() - t0)
+
+            distributed.run_pixels(client, runner, blocks, self.dtype.name, self.rounding,
+                                   on_result, self.quiet)
+        return where
+
+    # ------------------------------------------------------------------ end
+
+    def finish(self) -> None:
+        """Assemble the blocks (or write the VRT), convert to COG, commit the map."""
+        assert self.pending is not None
+        pending, fmt = self.pending, self.fmt
+        start = time.perf_counter()
+        if self.store is not None and fmt.blocks_only:
+            folder_name = f"{pending.target.stem}.blocks"
+            vrt = pending.file("map.vrt")
+            write_vrt(vrt, self.store, self.blocks, self.job.box, folder_name)
+            pending.commit_folder(self.store.folder, folder_name)
+            pending.commit(vrt)
+            self.assemble_seconds = time.perf_counter() - start
+            return
+        if self.store is not None:
+            with self._writer() as writer:
+                assemble_blocks(self.store, self.blocks, writer)
+        assert self.map_file is not None
+        final = self.map_file
+        if fmt.driver == "COG":
+            final = pending.file("map.cog.tif")
+            to_cog(self.map_file, final, fmt, self.dtype)
+        if self.store is not None or fmt.driver == "COG":
+            self.assemble_seconds = time.perf_counter() - start
+        pending.commit(final)
+
+
+def _pb_default_tile(sources: Sequence[Source], geometry: ModelGeometry) -> int:
+    """Largest patch-based tile (≤ DEFAULT_TILE_PB) whose batch fits in PB_BATCH_BYTES."""
+    per_pixel = sum(4 * rx * ry * s.bands
+                    for s, (rx, ry) in zip(sources, geometry.fields, strict=True))
+    side = math.isqrt(max(1, PB_BATCH_BYTES // max(1, per_pixel)))
+    return max(1, min(DEFAULT_TILE_PB, side))
+
+
+def prepare_serve(
+    sources: Sequence[Source],
+    model: Any,
+    output_names: Sequence[str] | str | None = None,
+    fullyconv: bool = False,
+    spcscale: int = 1,
+    efield: int | Sequence[int] | None = None,
+    tile_size: int | Sequence[int] | None = None,
+    box: Sequence[int] | None = None,
+    user_placeholders: Mapping[str, Any] | None = None,
+    disable_tiling: bool = False,
+    engine: Engine | None = None,
+) -> ServeJob:
+    """Validate a serving run and plan its tiles, without writing anything.
+
+    Parameters are those of :func:`serve`. Loads the model, resolves its inputs and
+    outputs, derives or checks the geometry (one small probe run), builds the
+    layout and the tile plan.
+    """
+    sources = list(sources)
+    if not sources:
+        raise InputError("source1.il: at least one source is required")
+    for s in sources:
+        if not isinstance(s, Source):
+            raise InputError(f"sources: expected terrapatch.Source objects, got {type(s).__name__}")
+    grids = [s.grid for s in sources]  # opens every source: missing/unreadable files fail here
+    if engine is None:
+        engine = load_engine(model)
+    model_path = model if isinstance(model, str | os.PathLike) else None
+    user_inputs = {k: np.asarray(v) for k, v in (user_placeholders or {}).items()}
+    user_inputs = {engine.resolve_input(k, "model.userplaceholders"): v
+                   for k, v in user_inputs.items()}
+    input_names = resolve_inputs(engine, sources, user_inputs)
+    outputs = resolve_outputs(engine, output_names)
+    spcscale = check_factor(spcscale, "output.spcscale")
+    ef = _pair(efield, "output.efield")
+    if not fullyconv and ef not in (None, (1, 1)):
+        raise InputError(
+            f"output.efieldx/y: {ef[0]}×{ef[1]} in patch-based mode; each patch gives one output "
+            "pixel, so the expression field must be 1 (use model.fullyconv for larger ones)"
+        )
+    names = [s.name for s in sources]
+    given = [s.patch_size for s in sources]
+    derived = False
+    if all(f is not None for f in given):
+        geometry = ModelGeometry(tuple(given), ef or (1, 1), spcscale)  # type: ignore[arg-type]
+        if fullyconv and ef is None:
+            # OTBTF's default expression field is 1; otherwise derive it from the model.
+            layout = Layout(tuple(grids), geometry.fields, factor=spcscale, efield=(1, 1))
+            _, problem = probe_tile(engine, sources, layout, input_names, outputs, True,
+                                     user_inputs, geometry)
+            if problem:
+                try:
+                    found = derive_geometry(engine, sources, input_names, outputs, True,
+                                            spcscale, user_inputs)
+                except ModelError:  # reported with suggestions by _check_geometry below
+                    found = None
+                e = None if found is None else efield_for_fields(grids, geometry.fields,
+                                                                  found, spcscale)
+                if e is not None:
+                    geometry = ModelGeometry(geometry.fields, e, spcscale)
+                    derived = True
+                    logger.info("expression field derived from the model: %d×%d", *e)
+    else:
+        found = derive_geometry(engine, sources, input_names, outputs, fullyconv, spcscale,
+                                user_inputs)
+        fields = tuple(g if g is not None else d for g, d in zip(given, found.fields,
+                                                                 strict=True))
+        if ef is None:
+            ef = found.efield if fullyconv else (1, 1)
+        geometry = ModelGeometry(fields, ef, spcscale)
+        derived = True
+        logger.info("geometry derived from the model: %s", geometry.describe(names))
+
+    layout = Layout(tuple(grids), geometry.fields, factor=spcscale, efield=geometry.efield)
+    out_grid = layout.output_grid
+    channels = check_geometry(engine, sources, layout, input_names, outputs, fullyconv,
+                               user_inputs, geometry)
+    dtypes = [engine.inputs[n].dtype for n in input_names]
+    runner = TileRunner(sources, layout, input_names, dtypes, outputs, channels, fullyconv,
+                        user_inputs, os.fspath(model_path) if model_path is not None else None)
+
+    crop, cropped = crop_box(box, out_grid.width, out_grid.height)
+    if cropped:
+        logger.warning("box=%s cropped to the output grid: %d:%d:%d:%d",
+                       ":".join(str(int(v)) for v in box or ()), *crop)
+    ex, ey = geometry.efield
+    if disable_tiling:
+        size = (crop[2] + ex, crop[3] + ey)
+    else:
+        default = DEFAULT_TILE_FCN if fullyconv else _pb_default_tile(sources, geometry)
+        size = _pair(tile_size, "optim.tilesizex") or (default, default)
+    adjusted = align_size(size, geometry.efield)
+    if adjusted != size and not disable_tiling:
+        logger.warning("optim.tilesizex/y %d×%d enlarged to %d×%d, a multiple of the "
+                       "expression field %d×%d", *size, *adjusted, ex, ey)
+    tiles = plan_tiles(out_grid.width, out_grid.height, crop, adjusted, geometry.efield)
+    logger.info("output grid %d×%d px at %g m, box %s, %d tile(s) of %d×%d (%s)",
+                out_grid.width, out_grid.height, out_grid.grid.spacing[0], crop, len(tiles),
+                *adjusted, "fully-convolutional" if fullyconv else "patch-based")
+    return ServeJob(sources, engine, layout, geometry, derived, runner, crop, adjusted, tiles,
+                    model_path=_model_path(model, engine))
+
+
+def _pair(value: int | Sequence[int] | None, parameter: str) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    if isinstance(value, int | np.integer):
+        pair = (int(value), int(value))
+    else:
+        items = [int(v) for v in value]
+        if len(items) != 2:
+            raise InputError(f"{parameter}: expected one value or (x, y), got {value!r}")
+        pair = (items[0], items[1])
+    if pair[0] < 1 or pair[1] < 1:
+        raise InputError(f"{parameter}: {pair[0]}×{pair[1]} must be ≥ 1")
+    return pair
+
+
+def _model_path(model: Any, engine: Engine) -> str | None:
+    """The model's file or directory, when it has one (for clusters and journals)."""
+    if isinstance(model, str | os.PathLike):
+        return os.path.abspath(os.fspath(model))
+    path = str(getattr(engine, "path", "") or "")
+    return os.path.abspath(path) if path and os.path.exists(path) else None
+
+
+def serve(
+    sources: Sequence[Source],
+    model: Any,
+    out: str | os.PathLike[str],
+    output_names: Sequence[str] | str | None = None,
+    fullyconv: bool = False,
+    spcscale: int = 1,
+    efield: int | Sequence[int] | None = None,
+    tile_size: int | Sequence[int] | None = None,
+    box: Sequence[int] | None = None,
+    pixel_type: str | np.dtype = "float32",
+    rounding: bool = False,
+    background: float | None = None,
+    creation_options: Mapping[str, str] | None = None,
+    quiet: bool = False,
+    engine: Engine | None = None,
+    user_placeholders: Mapping[str, Any] | None = None,
+    disable_tiling: bool = False,
+    prefetch: int = 2,
+    scheduler: Any = None,
+    workers: int | None = None,
+    block_tiles: int | None = None,
+    resume: bool = False,
+    output_format: str | None = None,
+    overview_resampling: str | None = None,
+    colormap: Mapping[int, Sequence[int]] | None = None,
+    class_names: Sequence[str] | None = None,
+    sink: str | None = None,
+) -> ServeSummary:
+    """Apply a model to whole rasters and write the map (GeoTIFF, COG or VRT mosaic).
+
+    Parameters
+    ----------
+    sources
+        :class:`~terrapatch.raster.Source` objects, source 1 first: their
+        ``patch_size`` is the receptive field (None: derived from the model),
+        ``placeholder`` the model input they feed (None: the free inputs in
+        alphabetical order), ``nodata`` their no-data value.
+    model
+        SavedModel directory, ``.keras`` file, ``.onnx`` file, in-memory
+        :class:`keras.Model` or :class:`~terrapatch.engines.Engine`.
+    out
+        Output path: a GeoTIFF (``.tif``), or a VRT mosaic of block files (``.vrt``,
+        its blocks kept in the folder ``<stem>.blocks`` beside it). Written in a
+        pending folder beside it and moved there when complete.
+    output_names
+        Model outputs to write, stacked as bands in this order (signature keys or
+        Keras layer names); default: the first output in alphabetical order.
+    fullyconv
+        Fully-convolutional mode: one tensor per source per tile; else patch-based.
+    spcscale
+        Output spacing in source-1 pixels (positive integer).
+    efield
+        Expression field ``ex`` or ``(ex, ey)`` (fully-convolutional mode); None:
+        derived from the model (1 in patch-based mode).
+    tile_size
+        Tile size in output pixels (default :data:`DEFAULT_TILE_FCN` or
+        :data:`DEFAULT_TILE_PB`), enlarged to a multiple of the expression field.
+    box
+        ``(startx, starty, sizex, sizey)`` in output-grid pixels: only that part is
+        computed and written (cropped to the grid; no overlap is an error).
+    pixel_type
+        Output pixel type (``uint8``, ``int16``, ``float32``, ...): values are clamped to
+        the type's range, then truncated (rounded when ``rounding``).
+    rounding
+        Round instead of truncating when converting to an integer pixel type.
+    background
+        Value of tiles skipped because a source's input is entirely nodata
+        (``output.bv``), also written as the output's nodata value. None: skipped tiles
+        are 0 and the output has no nodata value (so class 0 stays visible).
+    creation_options
+        GDAL creation options overriding the defaults (tiled, DEFLATE, BIGTIFF=IF_SAFER).
+    quiet
+        No progress bar.
+    engine
+        An already loaded engine to run instead of opening ``model``.
+    user_placeholders
+        Extra constant model inputs, name → array (``model.userplaceholders``).
+    disable_tiling
+        Compute the whole box as one tile (``optim.disabletiling``).
+    prefetch
+        Tiles read ahead and written behind (memory ∝ ``prefetch`` × tile size).
+    scheduler
+        Serve on a Dask cluster: a ``distributed.Client`` or a scheduler address
+        (``"tcp://host:8786"``). The model must then be a path, and the model and the
+        rasters must be visible to every worker at the same path (checked first).
+    workers
+        Serve on a local Dask cluster of this many single-threaded worker processes
+        (when ``scheduler`` is None).
+    block_tiles
+        Tiles per block (a cluster task, a block file); default
+        :meth:`ServeJob.block_sink_tiles` for the block sink,
+        :meth:`ServeJob.default_block_tiles` for the ordered sink on a cluster.
+    resume
+        Keep a journal of finished blocks in the pending folder; after an
+        interruption (Ctrl-C, kill, crash, lost cluster) a rerun with
+        ``resume=True`` computes only the missing blocks and writes the same file.
+        A journal of other inputs, model, parameters or version is refused.
+    output_format
+        ``"COG"`` for a Cloud-Optimized GeoTIFF with overviews (the CLI's
+        ``?&gdal:of:COG``), ``"GTiff"`` (default for ``.tif``) or ``"VRT"``.
+    overview_resampling
+        Resampling of a COG's overviews (default ``NEAREST`` for integer maps,
+        ``AVERAGE`` for float ones; also ``gdal:co:OVERVIEW_RESAMPLING``).
+    colormap
+        Colour table of band 1 (class value → ``(r, g, b[, a])``) for class maps.
+    class_names
+        Category names of band 1, by class value (tag ``CLASS_NAMES``; VRT categories).
+    sink
+        ``"ordered"`` (one writer here) or ``"blocks"`` (block files, written by the
+        workers on a cluster). Default: blocks on a cluster, for ``resume`` and for VRT
+        outputs; ordered otherwise.
+
+    Returns
+    -------
+    ServeSummary
+        Size, georeference, geometry and timings of what was written (on a cluster,
+        read and model seconds are summed over the workers).
+
+    Raises
+    ------
+    TerrapatchError
+        On bad input (an :class:`~terrapatch.errors.InputError`, ``ModelError``, ...),
+        an unreachable scheduler, a worker missing a file, or a task failing on the
+        cluster after its retries; no file is left under ``out``.
+    """
+    check_writable(out, "out")
+    dtype = pixel_dtype(pixel_type, parameter="out (pixel type)")
+    if block_tiles is not None and int(block_tiles) < 1:
+        raise InputError(f"block_tiles: {block_tiles!r} must be ≥ 1")
+    MapFormat.for_path(out, output_format)  # a wrong extension fails before the model loads
+
+    def prepare_and_run(client: Any) -> ServeSummary:
+        job = prepare_serve(sources, model, output_names=output_names, fullyconv=fullyconv,
+                            spcscale=spcscale, efield=efield, tile_size=tile_size, box=box,
+                            user_placeholders=user_placeholders,
+                            disable_tiling=disable_tiling, engine=engine)
+        return job.run(out, dtype, rounding=rounding, background=background,
+                       creation_options=creation_options, quiet=quiet, prefetch=prefetch,
+                       scheduler=client, block_tiles=block_tiles, resume=resume,
+                       output_format=output_format, overview_resampling=overview_resampling,
+                       colormap=colormap, class_names=class_names, sink=sink)
+
+    if scheduler is None and workers is None:
+        return prepare_and_run(None)
+    # Connect (or start the local cluster) first: an unreachable scheduler fails fast.
+    with cluster.client_for(scheduler, workers) as client:
+        return prepare_and_run(client)
