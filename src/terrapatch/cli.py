@@ -10,8 +10,11 @@ line on stderr and exit with code 2; ``--debug`` shows the traceback.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -28,6 +31,16 @@ COMMANDS: dict[str, str] = {
 }
 
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM received (``timeout``, Slurm, Kubernetes, Docker): unwinds like Ctrl-C."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
 
 
 def _usage() -> str:
@@ -38,7 +51,8 @@ def _usage() -> str:
         f"OTBTF-compatible applications (terrapatch APP -help):\n{apps}\n\n"
         f"Commands (terrapatch COMMAND --help):\n{commands}\n\n"
         "Global options: --quiet (no progress bars), --debug (tracebacks),\n"
-        "  --workers N (local Dask cluster), --dask-scheduler ADDRESS (existing cluster)"
+        "  --workers N (local Dask cluster), --dask-scheduler ADDRESS (existing cluster),\n"
+        "  --resume (continue an interrupted TensorflowModelServe from its journal)"
     )
 
 
@@ -59,10 +73,12 @@ def run_app(name: str, argv: Sequence[str], quiet: bool) -> int:
     """Run the OTBTF-style application ``name`` with OTB command-line tokens.
 
     ``--workers N`` (local Dask cluster) and ``--dask-scheduler ADDRESS`` are passed to
-    applications that can run on a cluster.
+    applications that can run on a cluster, ``--resume`` to those that can resume.
     """
     cls = get_app(name)
     argv = list(argv)
+    resume = any(t in ("--resume", "-resume") for t in argv)
+    argv = [t for t in argv if t not in ("--resume", "-resume")]
     scheduler = _pop_option(argv, ("--dask-scheduler", "-dask-scheduler"))
     workers_text = _pop_option(argv, ("--workers", "-workers"))
     try:
@@ -79,7 +95,7 @@ def run_app(name: str, argv: Sequence[str], quiet: bool) -> int:
         return 0
     values, pixel_types = cls.parse_argv(argv)
     app = cls(values, quiet=quiet, pixel_types=pixel_types, scheduler=scheduler,
-              workers=workers)
+              workers=workers, resume=resume)
     if not app.executed:
         app.execute()
     return 0
@@ -96,6 +112,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0 if args else EXIT_BAD_INPUT
     name, rest = args[0], args[1:]
     configure_logging(quiet=quiet, debug=debug)
+    if not debug:
+        # GDAL's and libtiff's own lines ("_tiffWriteProc: ...") reach stderr through
+        # Python's last-resort handler; the error terrapatch raises already says it.
+        logging.getLogger("rasterio").addHandler(logging.NullHandler())
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         if name in REGISTRY:
             return run_app(name, rest, quiet)
@@ -111,12 +134,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"terrapatch {name}: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except Terminated:
+        print(f"terrapatch {name}: terminated (SIGTERM)", file=sys.stderr)
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         print(f"terrapatch {name}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except BrokenPipeError:  # e.g. `terrapatch APP -help | head`
         sys.stderr.close()
         return 0
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -194,8 +194,18 @@ def current_umask() -> int:
 
 
 def cannot_write(exc: BaseException, path: str | os.PathLike[str], parameter: str) -> OutputError:
-    """The one-line error for an I/O failure ``exc`` while writing the output ``path``."""
-    return OutputError(f"{parameter}: cannot write {os.fspath(path)!r} ({exc})")
+    """The one-line error for an I/O failure ``exc`` while writing the output ``path``.
+
+    GDAL's generic "Write failed. See previous exception" is replaced by the cause it
+    chains (e.g. "File too large", "No space left on device").
+    """
+    reason = str(exc)
+    seen = exc
+    while "previous exception" in reason and (seen.__cause__ or seen.__context__):
+        seen = seen.__cause__ or seen.__context__  # type: ignore[assignment]
+        reason = str(seen)
+    reason = reason.strip().splitlines()[0] if reason.strip() else type(exc).__name__
+    return OutputError(f"{parameter}: cannot write {os.fspath(path)!r} ({reason})")
 
 
 def is_write_failure(exc: BaseException) -> bool:

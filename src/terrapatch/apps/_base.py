@@ -175,6 +175,9 @@ class App:
         on a cluster (extraction, serving).
     workers
         Number of local Dask worker processes for those applications.
+    resume
+        Resume an interrupted run from its journal (applications that support it:
+        serving).
     **kwargs
         Parameters in pyotb spelling (``source1_il=...``, ``model_fullyconv=True``).
 
@@ -188,10 +191,11 @@ class App:
     source_params: ClassVar[tuple[Param, ...]] = ()
     primary_output: ClassVar[str] = "out"
     supports_cluster: ClassVar[bool] = False
+    supports_resume: ClassVar[bool] = False
 
     def __init__(self, *args: Mapping[str, Any], n_sources: int | None = None,
                  quiet: bool = False, pixel_types: Mapping[str, str] | None = None,
-                 scheduler: Any = None, workers: int | None = None,
+                 scheduler: Any = None, workers: int | None = None, resume: bool = False,
                  **kwargs: Any) -> None:
         self.values: dict[str, Any] = {}
         self.pixel_types: dict[str, str] = {
@@ -199,6 +203,7 @@ class App:
         self.quiet = quiet
         self.scheduler = scheduler
         self.workers = workers
+        self.resume = bool(resume)
         self.result: Any = None
         self.executed = False
         given: dict[str, Any] = {}
@@ -338,6 +343,8 @@ class App:
                 not self.supports_cluster:
             logger.warning("%s runs in process: --workers / --dask-scheduler are ignored",
                            self.name)
+        if self.resume and not self.supports_resume:
+            raise InputError(f"--resume: {self.name} cannot resume; rerun it without --resume")
         self.result = self.run()
         self.executed = True
         return self.result
@@ -369,7 +376,10 @@ class App:
             lines.append(f"    -{key:<{width}} <{kind}> {p.help}{flags}")
         lines += ["", f"Sources: {n_sources} (set OTB_TF_NSOURCES, or give sourceK.* keys)"
                   if cls.source_params else "",
-                  "Options: --quiet (no progress bars), --debug (full tracebacks)"]
+                  "Options: --quiet (no progress bars), --debug (full tracebacks)"
+                  + (", --resume (continue an interrupted run)" if cls.supports_resume else "")
+                  + (",\n  --workers N (local Dask cluster), --dask-scheduler ADDRESS"
+                     if cls.supports_cluster else "")]
         return "\n".join(line for line in lines if line is not None)
 
     @classmethod

@@ -89,6 +89,7 @@ class TensorflowModelServe(App):
                    "patch-based or fully-convolutional, and write a GeoTIFF map")
     primary_output = "out"
     supports_cluster = True
+    supports_resume = True
     source_params = (
         Param("il", "paths", "input image(s), stacked as bands", required=True),
         Param("rfieldx", "int", "receptive field width in this source's pixels "
@@ -122,7 +123,9 @@ class TensorflowModelServe(App):
         Param("optim.tilesizex", "int", "tile width in output pixels (default 256 "
               "fully-convolutional, 64 patch-based)"),
         Param("optim.tilesizey", "int", "tile height (default: tilesizex)"),
-        Param("out", "out", "output map", required=True, pixel_type="float32"),
+        Param("out", "out", "output map: .tif (add ?&gdal:of:COG for a Cloud-Optimized "
+              "GeoTIFF with overviews) or .vrt (a mosaic of block files)", required=True,
+              pixel_type="float32"),
     )
 
     def run(self) -> ServeSummary:
@@ -142,11 +145,6 @@ class TensorflowModelServe(App):
         if not sources:
             raise InputError("source1.il: missing mandatory parameter of TensorflowModelServe")
         spcscale = self.get("output.spcscale")
-        if float(spcscale) != int(spcscale) or spcscale < 1:
-            raise InputError(
-                f"output.spcscale: {spcscale:g} is not a positive integer (terrapatch keeps "
-                "the output grid on source-1 grid lines)"
-            )
         ex, ey = self.get("output.efieldx"), self.get("output.efieldy")
         if ex is None and ey is not None:
             raise InputError("output.efieldx: missing, but output.efieldy is given")
@@ -164,7 +162,7 @@ class TensorflowModelServe(App):
             out.path,
             output_names=list(self.get("output.names") or ()),
             fullyconv=bool(self.get("model.fullyconv")),
-            spcscale=int(spcscale),
+            spcscale=int(spcscale) if float(spcscale).is_integer() else spcscale,
             efield=None if ex is None else (ex, ey or ex),
             tile_size=None if tx is None else (tx, ty or tx),
             box=out.ext.box,
@@ -176,4 +174,6 @@ class TensorflowModelServe(App):
             disable_tiling=bool(self.get("optim.disabletiling")),
             scheduler=self.scheduler,
             workers=self.workers,
+            resume=self.resume,
+            output_format=out.ext.driver,
         )

@@ -68,7 +68,13 @@ from terrapatch.serve.sinks import (
     to_cog,
     write_vrt,
 )
-from terrapatch.writer import check_writable, convert_pixels, pixel_dtype
+from terrapatch.writer import (
+    cannot_write,
+    check_writable,
+    convert_pixels,
+    is_write_failure,
+    pixel_dtype,
+)
 
 __all__ = [
     "CLUSTER_BLOCK_TILES",
@@ -316,6 +322,9 @@ class ServeJob:
             {int(k): tuple(v) for k, v in colormap.items()} if colormap else None,
             list(class_names) if class_names else None)
         self._check_not_an_input(out)
+        if (fmt.colormap or fmt.class_names) and self.runner.bands != 1:
+            raise InputError(f"colormap: class colours and names need a one-band map; this "
+                             f"one has {self.runner.bands} bands (serve the class output only)")
         on_cluster = scheduler is not None or workers is not None
         blocks_sink = resume or fmt.blocks_only or (on_cluster and sink != "ordered")
         if sink == "ordered" and blocks_sink:
@@ -331,19 +340,24 @@ class ServeJob:
         stats = ServeStats()
         run = _Run(self, fmt, dtype, rounding, fill, nodata, profile, stats, quiet, prefetch)
         start = time.perf_counter()
-        with PendingOutput(out, resume=resume) as pending, \
-                rasterio.Env(GDAL_CACHEMAX=self.block_cache_bytes(dtype)):
-            run.pending = pending
-            if on_cluster:
-                with cluster.client_for(scheduler, workers) as client:
-                    where = run.on_cluster(client, blocks_sink, block_tiles, resume)
-            else:
-                where = "in process"
-                if blocks_sink:
-                    run.blocks_locally(block_tiles, resume)
+        try:
+            with PendingOutput(out, resume=resume) as pending, \
+                    rasterio.Env(GDAL_CACHEMAX=self.block_cache_bytes(dtype)):
+                run.pending = pending
+                if on_cluster:
+                    with cluster.client_for(scheduler, workers) as client:
+                        where = run.on_cluster(client, blocks_sink, block_tiles, resume)
                 else:
-                    run.ordered_locally()
-            run.finish()
+                    where = "in process"
+                    if blocks_sink:
+                        run.blocks_locally(block_tiles, resume)
+                    else:
+                        run.ordered_locally()
+                run.finish()
+        except Exception as exc:
+            if is_write_failure(exc):  # disk full, quota, I/O error: name the user's output
+                raise cannot_write(exc, out, "out") from exc
+            raise
         seconds = time.perf_counter() - start
         logger.info(
             "wrote %s: %d×%d px, %d band(s) %s, %s, %d tile(s) (%d skipped), %.1f s, %.0f px/s "

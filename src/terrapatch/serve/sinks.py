@@ -223,9 +223,6 @@ def assemble_blocks(store: BlockStore, blocks: Sequence[Block], writer: OrderedW
 def to_cog(source: Path, destination: Path, map_format: MapFormat, dtype: np.dtype) -> None:
     """Copy a GeoTIFF (or VRT) into a Cloud-Optimized GeoTIFF with overviews (streaming)."""
     rasterio.shutil.copy(source, destination, driver="COG", **map_format.cog_options(dtype))
-    if map_format.class_names:
-        with rasterio.open(destination, "r+") as dataset:
-            dataset.update_tags(1, CLASS_NAMES=",".join(map_format.class_names))
 
 
 _GDAL_TYPES = {"uint8": "Byte", "int8": "Int8", "uint16": "UInt16", "int16": "Int16",

@@ -1,0 +1,94 @@
+"""Small ONNX test models built directly with ``onnx.helper`` (no TensorFlow needed).
+
+:func:`conv_onnx` writes a two-source fully-convolutional model in terrapatch's
+channels-last convention: each input ``[N, H, W, C]`` goes through a valid
+``k × k`` convolution (source 1) or a valid ``k/2 × k/2`` convolution (source 2,
+at twice the spacing), the two are added and a ReLU gives ``[N, H-k+1, W-k+1,
+classes]``. Weights are seeded, so the model's values can be compared across
+runs and processes. Needs the ``onnx`` package (the ``tensorflow`` extra).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["conv_onnx", "single_conv_onnx"]
+
+
+def _conv_branch(helper: Any, name: str, bands: int, classes: int, kernel: int,
+                 rng: np.random.Generator, nodes: list[Any], inits: list[Any],
+                 stride: int = 1) -> str:
+    """NHWC input → transpose → conv (valid) → transpose back; returns the output name."""
+    weights = rng.normal(0, 0.5, (classes, bands, kernel, kernel)).astype(np.float32)
+    inits.append(helper.make_tensor(f"{name}_w", 1, weights.shape, weights.ravel()))
+    nodes.append(helper.make_node("Cast", [name], [f"{name}_f"], to=1))
+    nodes.append(helper.make_node("Transpose", [f"{name}_f"], [f"{name}_nchw"],
+                             perm=[0, 3, 1, 2]))
+    nodes.append(helper.make_node("Conv", [f"{name}_nchw", f"{name}_w"], [f"{name}_conv"],
+                             kernel_shape=[kernel, kernel], strides=[stride, stride]))
+    return f"{name}_conv"
+
+
+def conv_onnx(path: str | os.PathLike[str], bands: tuple[int, int] = (4, 6), classes: int = 3,
+              kernel: int = 4, seed: int = 0, names: tuple[str, str] = ("input_10m", "input_20m"),
+              output: str = "scores") -> Path:
+    """Write a two-source (10 m + 20 m) valid-convolution ONNX model; return its path.
+
+    Source 1 (``names[0]``, fine) gets a ``2k × 2k`` kernel with stride 2, source 2
+    (``names[1]``, coarse) a ``k × k`` kernel: both give one output pixel per coarse
+    pixel, so with the output at the coarse spacing the receptive fields are ``2k``
+    and ``k`` and the expression field is 1.
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(seed)
+    nodes: list[Any] = []
+    inits: list[Any] = []
+    fine = _conv_branch(helper, names[0], bands[0], classes, 2 * kernel, rng, nodes, inits, 2)
+    coarse = _conv_branch(helper, names[1], bands[1], classes, kernel, rng, nodes, inits)
+    scale = np.full((1,), 1e-3, np.float32)
+    inits.append(helper.make_tensor("scale", TensorProto.FLOAT, (1,), scale))
+    nodes.append(helper.make_node("Add", [fine, coarse], ["sum"]))
+    nodes.append(helper.make_node("Mul", ["sum", "scale"], ["scaled"]))
+    nodes.append(helper.make_node("Relu", ["scaled"], ["relu"]))
+    nodes.append(helper.make_node("Transpose", ["relu"], [output], perm=[0, 2, 3, 1]))
+    inputs = [helper.make_tensor_value_info(n, TensorProto.UINT16, [None, None, None, b])
+              for n, b in zip(names, bands, strict=True)]
+    outputs = [helper.make_tensor_value_info(output, TensorProto.FLOAT,
+                                             [None, None, None, classes])]
+    graph = helper.make_graph(nodes, "terrapatch_test_conv", inputs, outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    target = Path(path)
+    onnx.save(model, target)
+    return target
+
+
+def single_conv_onnx(path: str | os.PathLike[str], bands: int = 4, classes: int = 3,
+                     kernel: int = 3, seed: int = 0, name: str = "x",
+                     output: str = "scores") -> Path:
+    """Write a one-source valid ``kernel × kernel`` convolution ONNX model; return its path."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(seed)
+    nodes: list[Any] = []
+    inits: list[Any] = []
+    conv = _conv_branch(helper, name, bands, classes, kernel, rng, nodes, inits)
+    nodes.append(helper.make_node("Transpose", [conv], [output], perm=[0, 2, 3, 1]))
+    inputs = [helper.make_tensor_value_info(name, TensorProto.UINT16, [None, None, None, bands])]
+    outputs = [helper.make_tensor_value_info(output, TensorProto.FLOAT,
+                                             [None, None, None, classes])]
+    graph = helper.make_graph(nodes, "terrapatch_test_single_conv", inputs, outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    target = Path(path)
+    onnx.save(model, target)
+    return target
