@@ -13,12 +13,18 @@ name), then by the name of the Keras layer that produces it (Keras files only:
 SavedModel and ONNX files do not keep layer names), and a ``name:0`` suffix is
 ignored. Every failure is a :class:`~terrapatch.errors.ModelError` naming the model
 and listing what it offers.
+
+Only the ONNX engine is in terrapatch's core install: TensorFlow and Keras are
+imported when a SavedModel or ``.keras`` model is opened, never for an ONNX one;
+without the ``tensorflow`` extra those raise a one-line
+:class:`~terrapatch.errors.MissingEngineError` saying what to install.
 """
 
 from __future__ import annotations
 
 import abc
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +32,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from terrapatch.errors import ModelError
+from terrapatch._optional import import_keras, import_tensorflow
+from terrapatch.errors import MissingEngineError, ModelError
 
 __all__ = [
     "Engine",
@@ -231,10 +238,8 @@ def load_engine(model: Any, parameter: str = "model.dir") -> Engine:
     if isinstance(model, Engine):
         return model
     if not isinstance(model, str | os.PathLike):
-        try:
-            import keras
-        except ImportError:  # pragma: no cover - keras is a dependency
-            keras = None
+        # An in-memory Keras model implies Keras is loaded already: never import it here.
+        keras = sys.modules.get("keras")
         if keras is not None and isinstance(model, keras.Model):
             return KerasEngine.from_model(model)
         raise ModelError(f"{parameter}: expected a model path, got {type(model).__name__}")
@@ -262,6 +267,8 @@ def load_engine(model: Any, parameter: str = "model.dir") -> Engine:
 
 # ---------------------------------------------------------------------- TF SavedModel
 
+_ONNX_HINT = "an ONNX export of the model serves without this extra"
+
 
 class SavedModelEngine(Engine):
     """A TensorFlow SavedModel, run through its ``serving_default`` signature.
@@ -282,8 +289,8 @@ class SavedModelEngine(Engine):
 
     def __init__(self, path: str, tags: Sequence[str] | None = None,
                  signature: str | None = None, parameter: str = "model.dir") -> None:
-        import tensorflow as tf
-
+        tf = import_tensorflow(f"{parameter}: serving the SavedModel {path!r}", hint=_ONNX_HINT,
+                               error=MissingEngineError)
         try:
             loaded = tf.saved_model.load(path, tags=list(tags) if tags else None)
         except Exception as exc:
@@ -360,8 +367,8 @@ class KerasEngine(Engine):
 
     def __init__(self, path: str, parameter: str = "model.dir",
                  _model: Any = None) -> None:
-        import keras
-
+        keras = import_keras(f"{parameter}: serving the Keras model {path!r}", hint=_ONNX_HINT,
+                             error=MissingEngineError)
         if _model is None:
             _register_layers()
             try:

@@ -36,6 +36,34 @@ class ModelError(TerrapatchError, ValueError):
     """A model cannot be loaded, or does not fit the requested geometry."""
 
 
+class MissingExtraError(InputError, ImportError):
+    """A feature needs an optional dependency set (an *extra*) that is not installed.
+
+    The message says what to install, e.g. ``pip install 'terrapatch[tensorflow]'``.
+    Also an :class:`ImportError`, so ``except ImportError`` keeps working.
+
+    Attributes
+    ----------
+    extra
+        The extra that provides the missing package (``"tensorflow"``, ``"report"``).
+    name
+        The module that could not be imported (:attr:`ImportError.name`).
+    """
+
+    def __init__(self, message: str, extra: str = "", package: str | None = None) -> None:
+        super().__init__(message)
+        self.extra = extra
+        self.name = package
+
+
+class MissingEngineError(MissingExtraError, ModelError):
+    """A model needs a library of the ``tensorflow`` extra that is not installed.
+
+    TensorFlow and Keras serve SavedModel and ``.keras`` files; tf2onnx exports
+    them to ONNX (``pip install 'terrapatch[tensorflow]'``).
+    """
+
+
 class OutputError(TerrapatchError, OSError):
     """An output cannot be written."""
 

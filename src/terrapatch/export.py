@@ -7,7 +7,9 @@ batch, rows and columns left dynamic. The SavedModel's ``serving_default`` signa
 is what OTBTF's ``TensorflowModelServe`` reads; the ONNX file is converted with
 tf2onnx from the same traced function, so the three agree numerically. Command
 line: ``terrapatch export MODEL.keras --savedmodel DIR --onnx FILE`` (also
-``python -m terrapatch.export``).
+``python -m terrapatch.export``). Exporting needs the ``tensorflow`` extra
+(TensorFlow, Keras, tf2onnx, onnx); without it the export fails in one line saying
+``pip install 'terrapatch[tensorflow]'``.
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from terrapatch._optional import import_keras, import_tensorflow, require, tensorflow_startup
 from terrapatch.errors import (
     InputError,
+    MissingEngineError,
     MissingInputError,
     ModelError,
     TerrapatchError,
@@ -30,9 +34,14 @@ from terrapatch.writer import atomic_directory, atomic_output, check_writable
 __all__ = ["export_model", "export_onnx", "export_savedmodel", "main"]
 
 
+def _tensorflow() -> Any:
+    """TensorFlow, imported quietly, or a one-line error naming the ``tensorflow`` extra."""
+    return import_tensorflow("export: exporting a model", error=MissingEngineError)
+
+
 def _input_signature(model: Any) -> list[Any]:
     """Return one ``tf.TensorSpec`` per model input, named after the input."""
-    import tensorflow as tf
+    tf = _tensorflow()
 
     specs = []
     for tensor in model.inputs:
@@ -43,7 +52,7 @@ def _input_signature(model: Any) -> list[Any]:
 
 def _serving_function(model: Any) -> Any:
     """Return a ``tf.function`` taking the inputs positionally, returning a dict of outputs."""
-    import tensorflow as tf
+    tf = _tensorflow()
 
     specs = _input_signature(model)
     names = [spec.name for spec in specs]
@@ -70,7 +79,7 @@ def export_savedmodel(model: Any, path: str | os.PathLike[str]) -> Path:
     model outputs by key; an existing directory at ``path`` is replaced.
     """
     target = Path(path)
-    import tensorflow as tf
+    tf = _tensorflow()
 
     serve = _serving_function(model)
     module = tf.Module()
@@ -94,16 +103,12 @@ def export_onnx(model: Any, path: str | os.PathLike[str], opset: int | None = No
 
     Raises
     ------
+    MissingEngineError
+        If tf2onnx or onnx is missing (a :class:`ModelError`).
     ModelError
-        If tf2onnx is missing or cannot convert an operation of the model.
+        If tf2onnx cannot convert an operation of the model.
     """
-    try:
-        import tf2onnx
-    except ImportError as exc:
-        raise ModelError(
-            f"onnx: exporting to ONNX needs the tf2onnx package ({exc}); "
-            "install it with `pip install 'tf2onnx>=1.17'`"
-        ) from None
+    tf2onnx = _onnx_converter()
     serve = _serving_function(model)
     specs = _input_signature(model)
     with atomic_output(path, "onnx") as tmp:
@@ -117,9 +122,15 @@ def export_onnx(model: Any, path: str | os.PathLike[str], opset: int | None = No
     return Path(path)
 
 
+def _onnx_converter() -> Any:
+    """``tf2onnx`` (with ``onnx``), imported quietly, or a one-line error naming the extra."""
+    require("onnx", "onnx: exporting to ONNX", also=("tf2onnx",), error=MissingEngineError)
+    return require("tf2onnx", "onnx: exporting to ONNX", error=MissingEngineError)
+
+
 def _check_onnx_graph(onnx_model: Any) -> None:
     """Fail when tf2onnx left TensorFlow operations it could not convert in the graph."""
-    import onnx
+    onnx = require("onnx", "onnx: checking the ONNX graph", error=MissingEngineError)
 
     try:
         onnx.checker.check_model(onnx_model)
@@ -159,6 +170,8 @@ def export_model(
         If neither output is requested.
     MissingInputError
         If ``model_path`` does not exist.
+    MissingEngineError
+        If the ``tensorflow`` extra (TensorFlow, Keras, tf2onnx for ONNX) is missing.
     ModelError
         If the model cannot be loaded or converted.
     OutputError
@@ -170,7 +183,13 @@ def export_model(
         raise MissingInputError(f"model: file {os.fspath(model_path)!r} does not exist")
     if onnx is not None:
         check_writable(onnx, "onnx")
-    from terrapatch.model import load_model
+    # Fail before loading anything when the tensorflow extra is incomplete.
+    import_keras(f"export: exporting the Keras model {os.fspath(model_path)!r}",
+                 error=MissingEngineError)
+    if onnx is not None:
+        _onnx_converter()
+    with tensorflow_startup():
+        from terrapatch.model import load_model
 
     model = load_model(model_path)
     written: dict[str, Path] = {}

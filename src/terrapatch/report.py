@@ -1,4 +1,9 @@
-"""Accuracy reports and quicklooks: confusion matrices, per-class scores, class-coloured PNGs."""
+"""Accuracy reports and quicklooks: confusion matrices, per-class scores, class-coloured PNGs.
+
+The scores need numpy only; the PNGs need matplotlib (the ``report`` extra,
+``pip install 'terrapatch[report]'``), imported when a PNG is drawn. Figures are
+drawn on their own Agg canvas: matplotlib's global backend is left alone.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +11,13 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import rasterio
 from rasterio.enums import Resampling
 
+from terrapatch._optional import require
 from terrapatch.writer import atomic_output
 
 #: Default class colours (RGB 0–255), cycled when there are more classes.
@@ -85,6 +92,11 @@ def scores_table(results: Mapping[str, ClassScores]) -> str:
     return "\n".join(lines)
 
 
+def _figure(what: str, **kwargs: Any) -> Any:
+    """A new :class:`matplotlib.figure.Figure`, or a one-line error naming the ``report`` extra."""
+    return require("matplotlib.figure", what).Figure(**kwargs)
+
+
 def _colors(n: int) -> np.ndarray:
     return np.array([PALETTE[i % len(PALETTE)] for i in range(n)], dtype=np.uint8)
 
@@ -99,11 +111,13 @@ def quicklook(
     """Write a PNG of a class map with class colours and a legend (decimated to ``max_size``).
 
     Pixels equal to the map's nodata value (or outside the classes) are shown in white.
-    """
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Raises
+    ------
+    MissingExtraError
+        If matplotlib is not installed (``pip install 'terrapatch[report]'``).
+    """
+    fig = _figure("quicklook: drawing a PNG", figsize=(8, 6), dpi=100)
     from matplotlib.patches import Patch
 
     with rasterio.open(map_path) as ds:
@@ -117,7 +131,7 @@ def quicklook(
     if nodata is not None:
         valid &= data != nodata
     rgb[valid] = colors[data[valid].astype(np.int64)]
-    fig, ax = plt.subplots(figsize=(8, 6), dpi=100)
+    ax = fig.subplots()
     ax.imshow(rgb, interpolation="nearest")
     ax.set_axis_off()
     ax.set_title(title or Path(map_path).name)
@@ -125,21 +139,21 @@ def quicklook(
     ax.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
     with atomic_output(png_path, "quicklook") as tmp:
         fig.savefig(tmp, format="png", bbox_inches="tight")
-    plt.close(fig)
     return Path(png_path)
 
 
 def confusion_png(
     scores: Mapping[str, ClassScores], png_path: str | os.PathLike[str]
 ) -> Path:
-    """Write the confusion matrices of several models side by side as one PNG."""
-    import matplotlib
+    """Write the confusion matrices of several models side by side as one PNG.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(scores), figsize=(5.5 * len(scores), 5), dpi=100,
-                             squeeze=False)
+    Raises
+    ------
+    MissingExtraError
+        If matplotlib is not installed (``pip install 'terrapatch[report]'``).
+    """
+    fig = _figure("confusion_png: drawing a PNG", figsize=(5.5 * len(scores), 5), dpi=100)
+    axes = fig.subplots(1, len(scores), squeeze=False)
     for ax, (name, s) in zip(axes[0], scores.items(), strict=True):
         cm = s.confusion
         norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
@@ -156,5 +170,4 @@ def confusion_png(
     fig.tight_layout()
     with atomic_output(png_path, "confusion") as tmp:
         fig.savefig(tmp, format="png")
-    plt.close(fig)
     return Path(png_path)
