@@ -17,12 +17,15 @@ from affine import Affine
 distributed = pytest.importorskip("distributed")
 
 import terrapatch.serve as serving  # noqa: E402
-from terrapatch.serve import caches  # noqa: E402
 from terrapatch import cluster  # noqa: E402
 from terrapatch.cli import main  # noqa: E402
 from terrapatch.errors import InputError, TerrapatchError  # noqa: E402
 from terrapatch.raster import Source  # noqa: E402
-from terrapatch.serve import prepare_serve, serve  # noqa: E402
+from terrapatch.serve import (  # noqa: E402
+    caches,
+    prepare_serve,
+    serve,
+)
 from terrapatch.testing import faults  # noqa: E402
 from terrapatch.testing.models import seed_model  # noqa: E402
 from terrapatch.testing.rasters import write_raster  # noqa: E402

@@ -14,8 +14,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import keras
-from keras import ops
+from terrapatch._optional import tensorflow_startup
+
+with tensorflow_startup():
+    import keras
+    from keras import ops
+
 
 __all__ = ["ApplyMask", "Argmax", "CropBorder", "DilatedMask", "Max", "ScalarsTile"]
 

@@ -18,9 +18,11 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import keras
-
+from terrapatch._optional import tensorflow_startup
 from terrapatch.errors import InputError, MissingInputError, ModelError
+
+with tensorflow_startup():
+    import keras
 
 __all__ = [
     "DEFAULT_INFERENCE_CROPPING",

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from terrapatch._optional import import_tensorflow
 from terrapatch.errors import InputError, MissingInputError, OutputError
 from terrapatch.writer import atomic_output
 
@@ -132,7 +133,7 @@ class TFRecords:
                 f"n_samples_per_shard: {n} is larger than the {size} samples and "
                 "drop_remainder=True: no shard would be written"
             )
-        import tensorflow as tf
+        tf = import_tensorflow("TFRecords")
 
         temporary: list[tuple[Path, Path]] = []
         writer: Any = None
@@ -224,7 +225,7 @@ class TFRecords:
         InputError
             If ``target_keys`` names keys that the samples do not have.
         """
-        import tensorflow as tf
+        tf = import_tensorflow("TFRecords")
 
         for name in (SHAPES_FILE, TYPES_FILE):
             if not (self.path / name).exists():
@@ -275,7 +276,7 @@ class TFRecords:
         preprocessing_fn: Callable[..., dict[str, Any]] | None,
         kwargs: Mapping[str, Any],
     ) -> Callable[[Any], tuple[dict[str, Any], dict[str, Any]]]:
-        import tensorflow as tf
+        tf = import_tensorflow("TFRecords")
 
         shapes = self.output_shapes
         types = {key: tf.dtypes.as_dtype(name) for key, name in self.output_types.items()}
@@ -313,7 +314,7 @@ class TFRecords:
 
 
 def _serialize(sample: Mapping[str, Any]) -> bytes:
-    import tensorflow as tf
+    tf = import_tensorflow("TFRecords")
 
     # A serialized TensorProto is what tf.io.serialize_tensor produces (and
     # tf.io.parse_tensor reads); building it from numpy avoids one eager op per value.
@@ -343,7 +344,7 @@ def _sample_source(
         shapes = {key: list(shape) for key, shape in dataset.output_shapes.items()}
         types = {key: np.dtype(dtype).name for key, dtype in dataset.reader.dtypes.items()}
         return samples(), shapes, types, dataset.size
-    import tensorflow as tf
+    tf = import_tensorflow("TFRecords")
 
     if isinstance(dataset, tf.data.Dataset):
         spec = dataset.element_spec

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import keras
-
+from terrapatch._optional import tensorflow_startup
 from terrapatch.layers import Argmax
 from terrapatch.model import ModelBase
+
+with tensorflow_startup():
+    import keras
 
 INPUT_10M = "input_10m"
 INPUT_20M = "input_20m"

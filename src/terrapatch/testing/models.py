@@ -18,11 +18,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import keras
 import numpy as np
-from keras import ops
 
+from terrapatch._optional import tensorflow_startup
 from terrapatch.engines import Engine
+
+with tensorflow_startup():
+    import keras
+    from keras import ops
 
 __all__ = [
     "SEED_CLASSES",
