@@ -71,6 +71,14 @@ def reference(data, tmp_path_factory):
     return out
 
 
+def uninterrupted(data, tmp_path, **kw):
+    """The same resumable run, never interrupted."""
+    out = tmp_path / "whole" / "map.tif"
+    out.parent.mkdir(exist_ok=True)
+    run(data, out, resume=True, **kw)
+    return out
+
+
 def hidden(directory):
     return sorted(p.name for p in Path(directory).iterdir() if p.name.startswith("."))
 
@@ -78,13 +86,46 @@ def hidden(directory):
 # ---------------------------------------------------------------- sinks: same map, same file
 
 
+def same_file_layout(a, b):
+    with rasterio.open(a) as da, rasterio.open(b) as db:
+        assert da.profile == db.profile
+        assert da.tags() == db.tags()
+        np.testing.assert_array_equal(da.read(), db.read())
+
+
 @pytest.mark.parametrize("block_tiles", [1, 3, None])
-def test_block_sink_writes_the_same_file_as_the_ordered_writer(data, reference, tmp_path,
-                                                               block_tiles):
+def test_block_sink_gives_the_ordered_writers_map(data, reference, tmp_path, block_tiles):
     s = run(data, tmp_path / "m.tif", resume=True, block_tiles=block_tiles)
     assert s.sink == "blocks" and s.blocks > 1 and s.resumed_blocks == 0
-    assert (tmp_path / "m.tif").read_bytes() == reference.read_bytes()
+    same_file_layout(tmp_path / "m.tif", reference)
     assert hidden(tmp_path) == []
+
+
+@pytest.mark.parametrize("tile", [TILE, 48])
+def test_blocks_are_copied_as_compressed_tiles_or_re_encoded(data, tmp_path, tile,
+                                                             monkeypatch):
+    """On the map's tile grid, the assembled file holds the blocks' own tile bytes."""
+    from terrapatch.serve import job as job_module
+
+    calls = []
+    original = job_module.copy_tiles
+    monkeypatch.setattr(job_module, "copy_tiles",
+                        lambda *a, **k: calls.append(original(*a, **k)) or calls[-1])
+    options = {"TILED": "YES", "BLOCKXSIZE": str(TILE), "BLOCKYSIZE": str(TILE)}
+    ordered = run(data, tmp_path / "ordered.tif", tile_size=tile, creation_options=options)
+    blocks = run(data, tmp_path / "blocks.tif", tile_size=tile, creation_options=options,
+                 resume=True, block_tiles=2)
+    assert calls == [tile == TILE]
+    same_file_layout(blocks.path, ordered.path)
+    if tile == TILE:
+        with rasterio.open(blocks.path) as ds:
+            first = int(ds.get_tag_item("BLOCK_OFFSET_1_1", "TIFF", bidx=1))
+            size = int(ds.get_tag_item("BLOCK_SIZE_1_1", "TIFF", bidx=1))
+        with rasterio.open(ordered.path) as ds:
+            o_first = int(ds.get_tag_item("BLOCK_OFFSET_1_1", "TIFF", bidx=1))
+            o_size = int(ds.get_tag_item("BLOCK_SIZE_1_1", "TIFF", bidx=1))
+        raw = blocks.path.read_bytes()[first:first + size]
+        assert raw == ordered.path.read_bytes()[o_first:o_first + o_size]
 
 
 def test_vrt_output_keeps_the_blocks_as_a_mosaic(data, reference, tmp_path):
@@ -234,7 +275,8 @@ def test_resume_after_a_real_kill_gives_the_same_file(data, reference, tmp_path,
     s = run(data, out, resume=True)
     assert s.resumed_blocks >= done - 1  # a block may be written but not yet journaled
     assert s.resumed_blocks < s.blocks <= total
-    assert out.read_bytes() == reference.read_bytes()
+    assert out.read_bytes() == uninterrupted(data, tmp_path).read_bytes()
+    same_file_layout(out, reference)
     assert hidden(tmp_path) == []
 
 
@@ -247,7 +289,7 @@ def test_without_resume_a_dead_runs_leftovers_are_removed(data, reference, tmp_p
     assert hidden(tmp_path) == [".map.tif.pending"]
     s = run(data, out)
     assert s.resumed_blocks == 0 and hidden(tmp_path) == []
-    assert out.read_bytes() == reference.read_bytes()
+    assert out.read_bytes() == reference.read_bytes()  # the ordered sink, as any plain run
 
 
 def test_resume_refuses_changed_parameters_model_or_inputs(data, tmp_path):
@@ -303,7 +345,8 @@ def test_resume_after_a_lost_cluster_task(data, reference, tmp_path):
     assert journal_blocks(out) > 0
     s = run(data, out, resume=True, block_tiles=1)
     assert 0 < s.resumed_blocks < s.blocks
-    assert out.read_bytes() == reference.read_bytes()
+    assert out.read_bytes() == uninterrupted(data, tmp_path, block_tiles=1).read_bytes()
+    same_file_layout(out, reference)
 
 
 # ---------------------------------------------------------------- outputs: locks and bad input

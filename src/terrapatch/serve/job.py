@@ -65,9 +65,11 @@ from terrapatch.serve.sinks import (
     BlockStore,
     OrderedWriter,
     assemble_blocks,
+    describe_classes,
     to_cog,
     write_vrt,
 )
+from terrapatch.serve.tilecopy import copy_tiles
 from terrapatch.writer import (
     cannot_write,
     check_writable,
@@ -470,9 +472,11 @@ class _Run:
         self.n_blocks = len(self.blocks)
         folder = self.pending.file("blocks")
         folder.mkdir(exist_ok=True)
+        tiling = ((int(self.profile["blockxsize"]), int(self.profile["blockysize"]))
+                  if self.profile.get("tiled") else None)
         self.store = BlockStore(folder, self.fmt, job.runner.bands, self.dtype.name,
                                 job.output_grid.crs, job.output_grid.transform, self.nodata,
-                                self.fill)
+                                self.fill, tiling)
         settings = {"block_tiles": size, "dtype": self.dtype.name, "rounding": self.rounding,
                     "fill": float(self.fill), "nodata": self.nodata,
                     "format": [self.fmt.driver, self.fmt.creation_options,
@@ -574,8 +578,15 @@ class _Run:
             self.assemble_seconds = time.perf_counter() - start
             return
         if self.store is not None:
-            with self._writer() as writer:
-                assemble_blocks(self.store, self.blocks, writer)
+            store = self.store
+            self.map_file = pending.file("map.tif")
+            copied = copy_tiles(self.blocks, [store.path(b) for b in self.blocks],
+                                self.job.box, self.profile, self.map_file,
+                                lambda dataset: describe_classes(dataset, fmt))
+            if not copied:
+                logger.debug("blocks not on the map's tile grid: re-encoding them")
+                with self._writer() as writer:
+                    assemble_blocks(store, self.blocks, writer)
         assert self.map_file is not None
         final = self.map_file
         if fmt.driver == "COG":

@@ -123,6 +123,9 @@ class BlockStore:
         Nodata value written, or None.
     fill
         Value of tiles skipped for nodata.
+    tiling
+        ``(x, y)`` internal tile size of the final map, given to every block file so
+        that their tiles can be copied as they are (None: the map is not tiled).
     """
 
     folder: Path
@@ -133,6 +136,7 @@ class BlockStore:
     grid_transform: Affine
     nodata: float | None
     fill: Any
+    tiling: tuple[int, int] | None = None
 
     @staticmethod
     def name(block: Block) -> str:
@@ -161,6 +165,8 @@ class BlockStore:
         transform = self.grid_transform @ Affine.translation(bc, br)
         profile = self.map_format.tiff_profile(bw, bh, self.bands, np.dtype(self.dtype),
                                                self.crs, transform, self.nodata)
+        if self.tiling is not None:
+            profile.update(tiled=True, blockxsize=self.tiling[0], blockysize=self.tiling[1])
         final = self.path(block)
         part = final.with_name(f".{final.name}.{os.getpid()}.part.tif")
         skipped = 0
@@ -211,7 +217,11 @@ class BlockSink:
 
 
 def assemble_blocks(store: BlockStore, blocks: Sequence[Block], writer: OrderedWriter) -> None:
-    """Copy block files into an ordered writer, tile by tile, in plan order."""
+    """Copy block files into an ordered writer, tile by tile, in plan order (re-encoding).
+
+    The fallback of :func:`terrapatch.serve.tilecopy.copy_tiles`, which copies the
+    compressed tiles when the blocks lie on the map's tile grid.
+    """
     for block in blocks:
         bc, br = block.target[0], block.target[1]
         with rasterio.open(store.path(block)) as source:
