@@ -37,12 +37,11 @@ import rasterio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_serve import workdir, write_source  # noqa: E402
-
-from terrapatch.raster import Source  # noqa: E402
-from terrapatch.serve import prepare_serve, serve  # noqa: E402
-from terrapatch.testing import faults  # noqa: E402
-from terrapatch.testing.onnx_models import conv_onnx  # noqa: E402
+from bench_serve import workdir, write_source
+from terrapatch.raster import Source
+from terrapatch.serve import prepare_serve, serve
+from terrapatch.testing import faults
+from terrapatch.testing.onnx_models import conv_onnx
 
 TILE = 256
 #: Timed runs are repeated and the best kept (the machine may be shared).
