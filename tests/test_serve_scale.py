@@ -280,6 +280,46 @@ def test_resume_after_a_real_kill_gives_the_same_file(data, reference, tmp_path,
     assert hidden(tmp_path) == []
 
 
+PRELOAD = textwrap.dedent("""
+    import time
+    from terrapatch.engines import OnnxEngine
+
+    def run(self, feed, outputs):
+        time.sleep(0.1)
+        return OnnxEngine.unslowed_run(self, feed, outputs)
+
+    # Dask may run a preload more than once (in the same namespace): patch only once.
+    if not hasattr(OnnxEngine, "unslowed_run"):
+        OnnxEngine.unslowed_run = OnnxEngine.run
+        OnnxEngine.run = run
+""")
+
+
+def test_resume_after_the_whole_cluster_is_killed(data, reference, tmp_path):
+    """kill -9 of the client and its Dask workers (workers writing blocks), then resume."""
+    out = tmp_path / "map.tif"
+    preload = tmp_path / "slow_workers.py"
+    preload.write_text(PRELOAD)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
+               DASK_DISTRIBUTED__WORKER__PRELOAD=json.dumps([str(preload)]))
+    log = open(tmp_path / "run.log", "wb")  # noqa: SIM115 - Dask's logs would fill a pipe
+    proc = subprocess.Popen([sys.executable, "-m", "terrapatch.cli",
+                             *cli_args(data, out, "--resume", "--workers", "2")],
+                            stdout=log, stderr=log, env=env, start_new_session=True)
+    try:
+        wait_for_blocks(out, proc, 3, timeout=120)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the client, the scheduler and every worker
+        proc.wait(timeout=60)
+        log.close()
+    done = journal_blocks(out)
+    assert done >= 3 and not out.exists()
+    s = run(data, out, resume=True)
+    assert s.resumed_blocks >= done - 1 and s.resumed_blocks < s.blocks
+    assert out.read_bytes() == uninterrupted(data, tmp_path).read_bytes()
+    same_file_layout(out, reference)
+
+
 def test_without_resume_a_dead_runs_leftovers_are_removed(data, reference, tmp_path):
     out = tmp_path / "map.tif"
     proc = start_slow(data, out, tmp_path, 0.05, "--resume")
