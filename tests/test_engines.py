@@ -203,3 +203,16 @@ def test_served_maps_agree_across_engines_and_with_the_model_in_memory(seed_file
         np.testing.assert_allclose(values, memory, atol=1e-4, err_msg=kind)
     if "onnx" not in maps:
         pytest.skip("terrapatch.export is not available: ONNX map not compared")
+
+
+def test_onnx_threads_from_the_environment(tmp_path, monkeypatch):
+    """Local Dask clusters share the cores between ONNX workers through this variable."""
+    from terrapatch.engines import ONNX_THREADS_ENV, OnnxEngine
+    from terrapatch.testing.onnx_models import single_conv_onnx
+
+    path = str(single_conv_onnx(tmp_path / "m.onnx"))
+    monkeypatch.setenv(ONNX_THREADS_ENV, "1")
+    assert OnnxEngine(path).session.get_session_options().intra_op_num_threads == 1
+    assert OnnxEngine(path, threads=2).session.get_session_options().intra_op_num_threads == 2
+    monkeypatch.setenv(ONNX_THREADS_ENV, "lots")
+    assert OnnxEngine(path).session.get_session_options().intra_op_num_threads == 0

@@ -50,8 +50,8 @@ def client_for(scheduler: Any = None, workers: int | None = None) -> Iterator[An
     Notes
     -----
     The local workers share this machine's cores: unless ``TF_NUM_INTRAOP_THREADS``
-    is set, each one's TensorFlow gets ``cores // workers`` intra-op threads (at
-    least 1) instead of one per core each.
+    (``TERRAPATCH_ONNX_THREADS``) is set, each one's TensorFlow (onnxruntime) gets
+    ``cores // workers`` intra-op threads (at least 1) instead of one per core each.
     """
     distributed = _import_distributed()
     if isinstance(scheduler, distributed.Client):
@@ -78,8 +78,9 @@ def client_for(scheduler: Any = None, workers: int | None = None) -> Iterator[An
     n = workers or cores
     if n < 1:
         raise InputError(f"workers: {workers!r} must be ≥ 1")
-    env = {} if "TF_NUM_INTRAOP_THREADS" in os.environ else \
-        {"TF_NUM_INTRAOP_THREADS": str(max(1, cores // n))}
+    share = str(max(1, cores // n))
+    env = {name: share for name in ("TF_NUM_INTRAOP_THREADS", "TERRAPATCH_ONNX_THREADS")
+           if name not in os.environ}
     # ":0": the scheduler's HTTP endpoints on a free port (not 8787, maybe taken).
     with distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
                                   dashboard_address=":0", env=env) as cluster, \

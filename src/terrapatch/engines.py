@@ -454,6 +454,19 @@ _ONNX_TYPES = {
 }
 
 
+#: Environment variable giving onnxruntime's intra-op threads (like TensorFlow's
+#: ``TF_NUM_INTRAOP_THREADS``), so that several worker processes share a machine's cores.
+ONNX_THREADS_ENV = "TERRAPATCH_ONNX_THREADS"
+
+
+def _env_threads(name: str) -> int:
+    """A positive thread count from the environment, else 0."""
+    try:
+        return max(0, int(os.environ.get(name, "0")))
+    except ValueError:
+        return 0
+
+
 class OnnxEngine(Engine):
     """An ONNX model run with onnxruntime (CPU, or CUDA when available).
 
@@ -466,7 +479,8 @@ class OnnxEngine(Engine):
     parameter
         Parameter name quoted in error messages.
     threads
-        Intra-op threads (0: onnxruntime's default, all cores).
+        Intra-op threads (0: ``TERRAPATCH_ONNX_THREADS`` if set, else onnxruntime's
+        default, all cores; local Dask clusters set it to ``cores // workers``).
     """
 
     kind = "ONNX model"
@@ -476,6 +490,7 @@ class OnnxEngine(Engine):
 
         options = ort.SessionOptions()
         options.log_severity_level = 4  # probing failures are expected
+        threads = threads or _env_threads(ONNX_THREADS_ENV)
         if threads:
             options.intra_op_num_threads = threads
         # Idle worker threads sleep instead of spinning: serving reads and writes tiles in
