@@ -127,7 +127,10 @@ def resume_ratio(srcs: list[Source], model: Path, work: Path, reference: Path
         pass
     resumed_s, summary = timed(serve, srcs, str(model), target, fullyconv=True, quiet=True,
                                tile_size=TILE, resume=True)
+    size = target.stat().st_size
     return {"full_s": full_s, "resumed_s": resumed_s, "ratio": resumed_s / (full_s / 2),
+            "assemble_s": summary.assemble_seconds,
+            "assemble_mb_s": size / 1e6 / max(summary.assemble_seconds, 1e-9),
             "resumed_blocks": summary.resumed_blocks, "blocks": summary.blocks,
             "identical_bytes": target.read_bytes() == reference.read_bytes()}
 
@@ -190,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
               f"block_sink={dask['bytes_status']}B ordered_sink={dask['bytes_pixels']}B")
         print(f"RESULT scale_resume full_s={res['full_s']:.2f} resumed_s={res['resumed_s']:.2f} "
               f"resumed_blocks={res['resumed_blocks']}/{res['blocks']} "
-              f"ratio_to_half={res['ratio']:.2f} byte_identical={res['identical_bytes']}")
+              f"ratio_to_half={res['ratio']:.2f} byte_identical={res['identical_bytes']} "
+              f"assembly_s={res['assemble_s']:.2f} ({res['assemble_mb_s']:.0f}_MB/s_tile_copy)")
         print(f"RESULT scale_cog cog_s={cog['seconds']:.2f} gtiff_s={plain_s:.2f} "
               f"ratio={cog['ratio']:.2f} valid={cog['valid']}")
         if args.own_only:
