@@ -54,6 +54,9 @@ from affine import Affine
 from RangeHTTPServer import RangeRequestHandler, copy_byte_range
 from rasterio.windows import Window
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_serve import _pattern  # the same reflectance-like texture
 from terrapatch.raster import REMOTE_READ_OPTIONS, Source, configure_remote_reads
 
 X0, Y0 = 600000.0, 5000000.0
@@ -63,18 +66,6 @@ PATTERN = 1024
 
 
 # ---------------------------------------------------------------- inputs
-
-
-def _pattern(bands: int, seed: int) -> np.ndarray:
-    """A 1024² block of reflectance-like texture (smooth fields + noise), uint16."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:PATTERN, 0:PATTERN] / PATTERN
-    out = np.empty((bands, PATTERN, PATTERN), dtype=np.uint16)
-    for b in range(bands):
-        fx, fy, phase = rng.uniform(2, 9, 3)
-        field = 2500 + 1500 * np.sin(2 * np.pi * (fx * xx + phase)) * np.cos(2 * np.pi * fy * yy)
-        out[b] = np.clip(field + rng.normal(0, 150, field.shape), 0, 10000).astype(np.uint16)
-    return out
 
 
 def write_cog(path: Path, size: int, bands: int, spacing: float, seed: int) -> Path:

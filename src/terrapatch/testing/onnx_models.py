@@ -43,7 +43,6 @@ def conv_onnx(path: str | os.PathLike[str], bands: tuple[int, int] = (4, 6), cla
     pixel, so with the output at the coarse spacing the receptive fields are ``2k``
     and ``k`` and the expression field is 1.
     """
-    import onnx
     from onnx import TensorProto, helper
 
     rng = np.random.default_rng(seed)
@@ -57,11 +56,23 @@ def conv_onnx(path: str | os.PathLike[str], bands: tuple[int, int] = (4, 6), cla
     nodes.append(helper.make_node("Mul", ["sum", "scale"], ["scaled"]))
     nodes.append(helper.make_node("Relu", ["scaled"], ["relu"]))
     nodes.append(helper.make_node("Transpose", ["relu"], [output], perm=[0, 2, 3, 1]))
-    inputs = [helper.make_tensor_value_info(n, TensorProto.UINT16, [None, None, None, b])
-              for n, b in zip(names, bands, strict=True)]
-    outputs = [helper.make_tensor_value_info(output, TensorProto.FLOAT,
-                                             [None, None, None, classes])]
-    graph = helper.make_graph(nodes, "terrapatch_test_conv", inputs, outputs, inits)
+    return _save(path, "terrapatch_test_conv", nodes, inits, dict(zip(names, bands,
+                                                                       strict=True)),
+                 output, classes)
+
+
+def _save(path: str | os.PathLike[str], name: str, nodes: list[Any], inits: list[Any],
+          inputs: dict[str, int], output: str, classes: int) -> Path:
+    """Check and write a graph with uint16 NHWC inputs (name → bands) and a float output."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        nodes, name,
+        [helper.make_tensor_value_info(n, TensorProto.UINT16, [None, None, None, b])
+         for n, b in inputs.items()],
+        [helper.make_tensor_value_info(output, TensorProto.FLOAT, [None, None, None, classes])],
+        inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
     onnx.checker.check_model(model)
@@ -74,21 +85,12 @@ def single_conv_onnx(path: str | os.PathLike[str], bands: int = 4, classes: int 
                      kernel: int = 3, seed: int = 0, name: str = "x",
                      output: str = "scores") -> Path:
     """Write a one-source valid ``kernel × kernel`` convolution ONNX model; return its path."""
-    import onnx
-    from onnx import TensorProto, helper
+    from onnx import helper
 
     rng = np.random.default_rng(seed)
     nodes: list[Any] = []
     inits: list[Any] = []
     conv = _conv_branch(helper, name, bands, classes, kernel, rng, nodes, inits)
     nodes.append(helper.make_node("Transpose", [conv], [output], perm=[0, 2, 3, 1]))
-    inputs = [helper.make_tensor_value_info(name, TensorProto.UINT16, [None, None, None, bands])]
-    outputs = [helper.make_tensor_value_info(output, TensorProto.FLOAT,
-                                             [None, None, None, classes])]
-    graph = helper.make_graph(nodes, "terrapatch_test_single_conv", inputs, outputs, inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    target = Path(path)
-    onnx.save(model, target)
-    return target
+    return _save(path, "terrapatch_test_single_conv", nodes, inits, {name: bands}, output,
+                 classes)
