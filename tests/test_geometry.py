@@ -302,3 +302,79 @@ def test_i5_source_order_gives_one_grid_and_windows(ratio, coarse_rf, unit, sx, 
         ca, ra = a.tile_starts(0, 0, oa.width, oa.height, ia)
         cb, rb = b.tile_starts(0, 0, ob.width, ob.height, ib)
         assert np.array_equal(ca, cb) and np.array_equal(ra, rb)
+
+
+# ---------------------------------------------------------------- tiles, blocks, boxes, ratios
+
+
+@settings(max_examples=200, deadline=None)
+@given(width=st.integers(1, 300), height=st.integers(1, 300), data=st.data())
+def test_tiles_and_blocks_cover_the_box_once(width, height, data):
+    """Tiles align on ef and cover the box once; blocks are rectangles of one tile row."""
+    from terrapatch.geometry import align_size, crop_box, plan_blocks, plan_tiles
+
+    ex, ey = data.draw(st.integers(1, 5)), data.draw(st.integers(1, 5))
+    x0, y0 = data.draw(st.integers(-20, width - 1)), data.draw(st.integers(-20, height - 1))
+    box, _ = crop_box((x0, y0, data.draw(st.integers(max(1, 1 - x0), 400)),
+                       data.draw(st.integers(max(1, 1 - y0), 400))), width, height)
+    size = align_size((data.draw(st.integers(1, 90)), data.draw(st.integers(1, 90))), (ex, ey))
+    assert size[0] % ex == 0 and size[1] % ey == 0
+    tiles = plan_tiles(width, height, box, size, (ex, ey))
+    covered = np.zeros((height, width), dtype=np.int64)
+    for t in tiles:
+        c, r, w, h = t.target
+        covered[r:r + h, c:c + w] += 1
+        wc, wr, ww, wh = t.window
+        assert wc % ex == 0 and wr % ey == 0
+        assert ww % ex == 0 or wc + ww == width
+        assert wh % ey == 0 or wr + wh == height
+        assert wc <= c and wr <= r and c + w <= wc + ww and r + h <= wr + wh
+    bx, by, bw, bh = box
+    assert covered[by:by + bh, bx:bx + bw].min() == 1 and covered.sum() == bw * bh
+    n = data.draw(st.integers(1, 10))
+    blocks = plan_blocks(tiles, n)
+    assert [t for b in blocks for t in b.tiles] == list(tiles)  # plan order kept
+    for block in blocks:
+        assert 1 <= len(block.tiles) <= n
+        c, r, w, h = block.target
+        assert {t.target[1] for t in block.tiles} == {r}
+        assert {t.target[3] for t in block.tiles} == {h}
+        assert sum(t.target[2] for t in block.tiles) == w  # contiguous, left to right
+        xs = [t.target[0] for t in block.tiles]
+        assert xs == sorted(xs) and xs[0] == c
+
+
+def test_crop_box_errors_and_warning_flag():
+    from terrapatch.geometry import crop_box
+
+    assert crop_box(None, 10, 20) == ((0, 0, 10, 20), False)
+    assert crop_box((-5, 2, 10, 100), 10, 20) == ((0, 2, 5, 18), True)
+    with pytest.raises(GeometryError, match=r"box=10:0:5:5 does not overlap the output grid "
+                                            r"\(10×20 pixels"):
+        crop_box((10, 0, 5, 5), 10, 20)
+    with pytest.raises(InputError, match=r"box: size 0×5 must be positive"):
+        crop_box((0, 0, 0, 5), 10, 20)
+    with pytest.raises(InputError, match=r"box: expected \(startx, starty, sizex, sizey\)"):
+        crop_box((0, 0, 5), 10, 20)
+
+
+def test_spacing_ratios_use_the_one_tolerance():
+    from terrapatch.geometry import SNAP_TOLERANCE, serving_strides, spacing_ratios
+
+    g10, g20, g60 = grid(10, 60), grid(20, 30), grid(60, 10)
+    assert spacing_ratios([g10, g20, g60], (60.0, 60.0)) == [(6, 6), (3, 3), (1, 1)]
+    assert spacing_ratios([g10, g20], (20.0 * (1 + SNAP_TOLERANCE / 10), 20.0)) == [
+        (2, 2), (1, 1)]
+    assert spacing_ratios([g10, g20], (30.0, 30.0)) is None  # 30 / 20 is not an integer
+    assert spacing_ratios([g10, g20], (10.0, 10.0)) is None  # 10 / 20 < 1
+    # serving: spcscale 1 on 20 m source 1; patch-based falls back to the coarsest spacing
+    assert serving_strides([g20, g10], 1, True) == [(1, 1), (2, 2)]
+    assert serving_strides([g10, g20], 1, True) is None
+    assert serving_strides([g10, g20], 1, False) == [(2, 2), (1, 1)]
+
+
+def test_plan_blocks_refuses_empty_blocks():
+    from terrapatch.geometry import plan_blocks
+
+    with pytest.raises(InputError, match=r"block_tiles: 0 must be ≥ 1"):
+        plan_blocks((), 0)
