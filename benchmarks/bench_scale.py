@@ -102,7 +102,7 @@ def cluster_runs(srcs: list[Source], model: Path, work: Path, reference: Path
     folder = work / "bytes_blocks"
     folder.mkdir(exist_ok=True)
     grid = job.output_grid
-    from terrapatch.serve.output import MapFormat
+    from terrapatch.writer import MapFormat
 
     store = BlockStore(folder, MapFormat(), job.runner.bands, "float32", grid.crs,
                        grid.transform, None, np.float32(0))

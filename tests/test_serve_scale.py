@@ -20,10 +20,10 @@ from terrapatch.cli import main
 from terrapatch.errors import InputError, OutputError
 from terrapatch.raster import Source
 from terrapatch.serve import prepare_serve, serve
-from terrapatch.serve.output import PendingOutput
 from terrapatch.testing import faults
 from terrapatch.testing.onnx_models import conv_onnx
 from terrapatch.testing.rasters import write_raster
+from terrapatch.writer import PendingOutput
 
 L, T = 500000.0, 4000000.0
 CRS = "EPSG:32631"
@@ -302,7 +302,7 @@ def test_resume_after_the_whole_cluster_is_killed(data, reference, tmp_path):
     preload.write_text(PRELOAD)
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
                DASK_DISTRIBUTED__WORKER__PRELOAD=json.dumps([str(preload)]))
-    log = open(tmp_path / "run.log", "wb")  # noqa: SIM115 - Dask's logs would fill a pipe
+    log = open(tmp_path / "run.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "terrapatch.cli",
                              *cli_args(data, out, "--resume", "--workers", "2")],
                             stdout=log, stderr=log, env=env, start_new_session=True)

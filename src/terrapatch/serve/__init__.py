@@ -19,10 +19,14 @@ The package has one module per job (docs/serve.md shows the flow):
 - :mod:`~terrapatch.serve.distributed`: blocks of tiles as Dask tasks;
 - :mod:`~terrapatch.serve.sinks`: where tiles go (ordered GeoTIFF writer, block
   files), assembly, COG and VRT;
-- :mod:`~terrapatch.serve.output`: the map's format and its locked pending folder;
+- :mod:`~terrapatch.serve.tilecopy`: assembly by copying compressed tiles;
 - :mod:`~terrapatch.serve.journal`: the resume journal;
 - :mod:`~terrapatch.serve.job`: :func:`prepare_serve`, :class:`ServeJob`,
   :func:`serve`.
+
+:mod:`terrapatch.writer` gives the map's format (:class:`~terrapatch.writer.MapFormat`)
+and its locked pending folder (:class:`~terrapatch.writer.PendingOutput`), which any
+output can use.
 """
 
 from terrapatch.geometry import Block, Tile, plan_blocks, plan_tiles
@@ -40,9 +44,9 @@ from terrapatch.serve.job import (
     serve,
 )
 from terrapatch.serve.journal import BlockStatus
-from terrapatch.serve.output import MapFormat
 from terrapatch.serve.probe import ModelGeometry, derive_geometry
 from terrapatch.serve.runner import ServeStats, TileRunner
+from terrapatch.writer import MapFormat
 
 __all__ = [
     "CLUSTER_BLOCK_TILES",

@@ -50,7 +50,6 @@ from terrapatch.raster import Source, SourceReader, is_remote
 from terrapatch.serve import distributed
 from terrapatch.serve.binding import resolve_inputs, resolve_outputs
 from terrapatch.serve.journal import BlockStatus, Journal, fingerprint, hash_files
-from terrapatch.serve.output import MapFormat, PendingOutput
 from terrapatch.serve.pipeline import run_pipeline
 from terrapatch.serve.probe import (
     ModelGeometry,
@@ -71,6 +70,8 @@ from terrapatch.serve.sinks import (
 )
 from terrapatch.serve.tilecopy import copy_tiles
 from terrapatch.writer import (
+    MapFormat,
+    PendingOutput,
     cannot_write,
     check_writable,
     convert_pixels,

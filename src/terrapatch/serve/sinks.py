@@ -35,7 +35,7 @@ from rasterio.windows import Window
 
 from terrapatch.geometry import Block, Box, Tile
 from terrapatch.serve.journal import BlockStatus
-from terrapatch.serve.output import MapFormat
+from terrapatch.writer import MapFormat
 
 __all__ = [
     "BlockSink",
