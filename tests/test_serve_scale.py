@@ -105,7 +105,7 @@ def test_block_sink_gives_the_ordered_writers_map(data, reference, tmp_path, blo
 def test_blocks_are_copied_as_compressed_tiles_or_re_encoded(data, tmp_path, tile,
                                                              monkeypatch):
     """On the map's tile grid, the assembled file holds the blocks' own tile bytes."""
-    from terrapatch.serve import job as job_module
+    from terrapatch.serve import execution as job_module
 
     calls = []
     original = job_module.copy_tiles

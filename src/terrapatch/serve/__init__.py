@@ -21,6 +21,8 @@ The package has one module per job (docs/serve.md shows the flow):
   files), assembly, COG and VRT;
 - :mod:`~terrapatch.serve.tilecopy`: assembly by copying compressed tiles;
 - :mod:`~terrapatch.serve.journal`: the resume journal;
+- :mod:`~terrapatch.serve.execution`: one run (sink choice, local and Dask drivers,
+  assembly and commit);
 - :mod:`~terrapatch.serve.job`: :func:`prepare_serve`, :class:`ServeJob`,
   :func:`serve`.
 
