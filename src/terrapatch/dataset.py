@@ -45,7 +45,10 @@ class _Block:
 
 
 def _as_file_list(key: str, value: Any) -> list[PathLike]:
+    """The patches images of one key: a file, a list of files, or a folder of shards."""
     if isinstance(value, str | os.PathLike):
+        if Path(value).is_dir():
+            return _folder_files(key, Path(value))
         return [value]
     if not isinstance(value, Sequence) or not value:
         raise InputError(
@@ -56,6 +59,20 @@ def _as_file_list(key: str, value: Any) -> list[PathLike]:
         if not isinstance(item, str | os.PathLike):
             raise InputError(f"filenames_dict[{key!r}]: {item!r} is not a file name")
     return list(value)
+
+
+def _folder_files(key: str, folder: Path) -> list[PathLike]:
+    """The ``.tif`` / ``.tiff`` files of a folder (e.g. extraction shards), in name order."""
+    files: list[PathLike] = [
+        p for p in sorted(folder.iterdir())
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in (".tif", ".tiff")
+    ]
+    if not files:
+        raise InputError(
+            f"filenames_dict[{key!r}]: folder {os.fspath(folder)!r} holds no patches image "
+            "(.tif)"
+        )
+    return files
 
 
 class _OpenFiles:
@@ -102,7 +119,9 @@ class PatchesImagesReader:
         ``{source_key: [patches image, ...]}``. Every key lists the same number of
         files; file ``i`` of every key holds the same number of patches (samples
         ``n`` of every source belong together). A single file name is accepted in
-        place of a one-element list.
+        place of a one-element list, and a folder (such as the shard folder of a
+        sharded extraction, :attr:`terrapatch.ExtractionSummary.shards`) in place of
+        the list of its ``.tif`` files in name order.
     use_streaming
         False: read every file into memory now. True: read patches lazily from disk
         when asked (bounded memory).

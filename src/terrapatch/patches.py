@@ -145,16 +145,21 @@ def write_patches_image(
     spacing: tuple[float, float] = (1.0, 1.0),
     creation_options: Mapping[str, str] | None = None,
     parameter: str = "out",
+    planar: bool = False,
 ) -> Path:
-    """Write a patches image from chunks of patches, atomically.
+    """Write a patches image from chunks of patches, atomically, streaming.
+
+    Chunk ``j`` is written to the rows of its patches as soon as it comes, so memory is
+    bounded by one chunk whatever ``n_patches`` is.
 
     Parameters
     ----------
     path
         Output GeoTIFF path.
     chunks
-        Arrays of shape ``(k, patch_size_y, patch_size_x, bands)`` whose ``k`` sum to
-        ``n_patches``; written in order.
+        Arrays of shape ``(k, patch_size_y, patch_size_x, bands)`` (``(bands, k,
+        patch_size_y, patch_size_x)`` when ``planar``) whose ``k`` sum to ``n_patches``;
+        written in order.
     dtype
         Output pixel type; values are converted with OTB's clamp-then-truncate rule.
     spacing
@@ -165,6 +170,8 @@ def write_patches_image(
         by default, like OTBTF.
     parameter
         Parameter name used in error messages.
+    planar
+        Chunks are band-planar, the layout of the file: written without a transpose.
     """
     dtype = np.dtype(dtype)
     sx, sy = abs(spacing[0]), abs(spacing[1])
@@ -193,15 +200,16 @@ def write_patches_image(
             })
             written = 0
             for chunk in chunks:
-                k = chunk.shape[0]
+                k = chunk.shape[1 if planar else 0]
                 if k == 0:
                     continue
                 if written + k > n_patches:
                     raise ValueError("more patches than declared")
                 block = convert_pixels(chunk, dtype)
-                # (k, psy, psx, bands) -> (bands, k*psy, psx)
-                block = block.transpose(3, 0, 1, 2).reshape(bands, k * patch_size_y,
-                                                             patch_size_x)
+                if not planar:  # (k, psy, psx, bands) -> (bands, k, psy, psx)
+                    block = block.transpose(3, 0, 1, 2)
+                block = np.ascontiguousarray(block).reshape(bands, k * patch_size_y,
+                                                            patch_size_x)
                 dst.write(block, window=Window(0, written * patch_size_y,
                                                patch_size_x, k * patch_size_y))
                 written += k

@@ -42,6 +42,9 @@ class PatchesExtraction(App):
               "(default: coarsest spacing / source-1 spacing when integer)"),
         Param("vec.reproject", "bool", "reproject points to source 1's CRS if they differ",
               default=False),
+        Param("shards", "bool", "write each output as shards, one per 2048-px block of "
+              "source 1 (OUT_shards/OUT-NNNNN.tif), by the Dask workers on a cluster",
+              default=False),
     )
 
     def run(self) -> ExtractionSummary:
@@ -76,4 +79,5 @@ class PatchesExtraction(App):
             quiet=self.quiet,
             scheduler=self.scheduler,
             workers=self.workers,
+            shards=bool(self.get("shards")),
         )
