@@ -55,8 +55,7 @@ import rasterio
 from affine import Affine
 from rasterio.windows import Window
 
-from terrapatch import extraction
-from terrapatch.extraction import extract_patches
+from terrapatch.extraction import extract_patches, reading, spool
 from terrapatch.geometry import Layout, extraction_factor
 from terrapatch.patches import read_patches, write_patches_image
 from terrapatch.raster import Source
@@ -284,7 +283,7 @@ def read_blocks(jobs: Sequence[tuple[str, Window]], threads: int) -> None:
             handles[path] = rasterio.open(path)
         return int(handles[path].read(window=window).nbytes)
 
-    with extraction._gdal_cache():
+    with reading.gdal_cache():
         if threads > 1:
             with ThreadPoolExecutor(threads) as pool:
                 list(pool.map(read, jobs))
@@ -307,7 +306,7 @@ def write_same(outputs: Sequence[tuple[Path, Path, Source]], labels: tuple[Path,
               for ours, dest, source in outputs]
     with rasterio.open(labels[0]) as ds:
         label_values = ds.read(1).reshape(1, -1, 1, 1)
-    chunk = extraction.WRITE_CHUNK
+    chunk = spool.WRITE_CHUNK
     with timed(into):
         write_arrays(arrays, labels[1], label_values, pixel_type, chunk)
 
@@ -336,7 +335,7 @@ def versus_floor(work: Path, name: str, sources: list[Source], points: PointSet,
                        crs=sources[0].grid.crs)
     outs = [d / f"ours_{i}.tif" for i in range(len(sources))]
     jobs = needed_blocks(sources, points)
-    threads = max(1, min(extraction.READ_THREADS, os.cpu_count() or 1))
+    threads = max(1, min(reading.READ_THREADS, os.cpu_count() or 1))
     read_blocks(jobs, threads)  # warm the OS cache for both
     timings: dict[str, list[tuple[float, float]]] = {"ours": [], "read": [], "write": []}
     summary = None

@@ -10,6 +10,7 @@ distributed = pytest.importorskip("distributed")
 from terrapatch import cluster  # noqa: E402
 from terrapatch import extraction as ex  # noqa: E402
 from terrapatch.errors import InputError, TerrapatchError  # noqa: E402
+from terrapatch.extraction import reading  # noqa: E402
 from terrapatch.patches import read_patches  # noqa: E402
 from terrapatch.raster import Source  # noqa: E402
 from terrapatch.testing import faults, make_scene  # noqa: E402
@@ -33,7 +34,7 @@ def test_extraction_on_cluster_is_identical(client, scene, tmp_path, monkeypatch
     local = ex.extract_patches(sources, scene.points_train, "class",
                                [tmp_path / "a10.tif", tmp_path / "a20.tif"],
                                tmp_path / "al.tif", quiet=True)
-    monkeypatch.setattr(ex, "CLUSTER_BLOCK", 64)  # many tasks, several per worker
+    monkeypatch.setattr(reading, "CLUSTER_BLOCK", 64)  # many tasks, several per worker
     remote = ex.extract_patches(sources, scene.points_train, "class",
                                 [tmp_path / "b10.tif", tmp_path / "b20.tif"],
                                 tmp_path / "bl.tif", quiet=True, scheduler=client)

@@ -20,11 +20,12 @@ from affine import Affine
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import terrapatch.extraction as extraction_module
 import terrapatch.patches as patches_module
 from terrapatch.apps import PatchesExtraction
 from terrapatch.errors import CRSMismatchError, InputError, NoSamplesError, ParameterError
 from terrapatch.extraction import ExtractionSummary, extract_patches
+from terrapatch.extraction import reading as reading_module
+from terrapatch.extraction import spool as spool_module
 from terrapatch.geometry import Layout, extraction_factor
 from terrapatch.patches import read_patches, read_patches_info
 from terrapatch.raster import Source
@@ -426,15 +427,23 @@ def test_feature_index_counts_only_features_with_the_field(tmp_path, pair):
     assert fields[names.index("class")].tolist() == [4]
 
 
-def test_labels_image_default_uint8_clamp_truncate_and_strings(tmp_path, pair):
+def test_labels_image_default_uint8_clamp_truncate_and_strings(tmp_path, pair, caplog):
     c20, _ = pair
     values = [3, 255, 256, 1000, -5]
     n = len(values)
     x = L + 200 + 40.0 * np.arange(n)
     y = np.full(n, T - 200)
     vec = points(tmp_path / "int.geojson", x, y, np.array(values, np.int64))
+    # Classes that do not fit the labels' pixel type: an error naming them, by default ...
+    with pytest.raises(InputError, match=r"outlabels: class values -5, 256, 1000 \(3 "
+                                         r"sample\(s\)\) do not fit uint8"):
+        extract_patches([Source(c20, 4)], vec, "class", [tmp_path / "o.tif"],
+                        labels_out=tmp_path / "l.tif", quiet=True)
+    assert not (tmp_path / "l.tif").exists()
+    # ... or clamped OTB-style, with a warning counting them, when asked.
     extract_patches([Source(c20, 4)], vec, "class", [tmp_path / "o.tif"],
-                    labels_out=tmp_path / "l.tif", quiet=True)
+                    labels_out=tmp_path / "l.tif", quiet=True, clamp_labels=True)
+    assert "3 sample(s) with class values -5, 256, 1000 clamped" in caplog.text
     with rasterio.open(tmp_path / "l.tif") as ds:
         assert (ds.width, ds.height, ds.count) == (1, n, 1)
         assert ds.dtypes[0] == "uint8"
@@ -614,7 +623,7 @@ def test_failed_write_leaves_no_file_and_no_temporary(tmp_path, pair, monkeypatc
             raise RuntimeError("disk on fire")
         return real(values, dtype, rounding)
 
-    monkeypatch.setattr(extraction_module, "WRITE_CHUNK", 2)
+    monkeypatch.setattr(spool_module, "WRITE_CHUNK", 2)
     monkeypatch.setattr(patches_module, "convert_pixels", failing)
     with pytest.raises(RuntimeError, match="disk on fire"):
         extract_patches([Source(c20, 8, name="source1"), Source(c10, 16, name="source2")], vec,
@@ -661,7 +670,7 @@ def test_memmap_buffering_gives_identical_output(tmp_path, big_pair, monkeypatch
         used.append(kwargs.get("shape"))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(extraction_module, "MEMMAP_BYTES", 1)
+    monkeypatch.setattr(spool_module, "MEMMAP_BYTES", 1)
     monkeypatch.setattr(np.lib.format, "open_memmap", spy)
     got = _run_big(tmp_path, big_pair, "mm")
     assert len(used) == 2   # one buffer per written source
@@ -672,22 +681,22 @@ def test_memmap_buffering_gives_identical_output(tmp_path, big_pair, monkeypatch
 
 def test_per_sample_reads_give_identical_output(tmp_path, big_pair, monkeypatch):
     calls = []
-    real = extraction_module.patches_from_region
+    real = reading_module.patches_from_region
 
     def spy(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(extraction_module, "patches_from_region", spy)
+    monkeypatch.setattr(reading_module, "patches_from_region", spy)
     ref = _run_big(tmp_path, big_pair, "ref")
     assert calls   # the default path reads regions
 
     def forbidden(*args, **kwargs):
         raise AssertionError("region read used")
 
-    monkeypatch.setattr(extraction_module, "patches_from_region", forbidden)
-    monkeypatch.setattr(extraction_module, "REGION_OVERREAD", 0)
-    monkeypatch.setattr(extraction_module, "MIN_REGION", 0)
+    monkeypatch.setattr(reading_module, "patches_from_region", forbidden)
+    monkeypatch.setattr(reading_module, "REGION_OVERREAD", 0)
+    monkeypatch.setattr(reading_module, "MIN_REGION", 0)
     got = _run_big(tmp_path, big_pair, "ps")
     assert got[0] == ref[0]
     for a, b in zip(ref[1:], got[1:], strict=True):

@@ -26,6 +26,7 @@ import terrapatch.extraction as ex
 from terrapatch import raster
 from terrapatch.dataset import DatasetFromPatchesImages, PatchesImagesReader
 from terrapatch.errors import InputError, NoSamplesError
+from terrapatch.extraction import job, reading, shards, spool, writing
 from terrapatch.geometry import Layout, extraction_factor
 from terrapatch.patches import read_patches
 from terrapatch.raster import Source
@@ -45,15 +46,19 @@ LAYOUTS = {
 
 @contextlib.contextmanager
 def patched(**values: Any) -> Iterator[None]:
-    """Set extraction module constants for the block (usable inside hypothesis tests)."""
-    old = {k: getattr(ex, k) for k in values}
+    """Set extraction constants for the block (usable inside hypothesis tests).
+
+    Each constant is set in the module of :mod:`terrapatch.extraction` that defines it.
+    """
+    homes = {k: next(m for m in (reading, spool, shards, job) if k in vars(m)) for k in values}
+    old = {k: getattr(homes[k], k) for k in values}
     for k, v in values.items():
-        setattr(ex, k, v)
+        setattr(homes[k], k, v)
     try:
         yield
     finally:
         for k, v in old.items():
-            setattr(ex, k, v)
+            setattr(homes[k], k, v)
 
 
 #: Small units, groups and bands, so that small rasters have many of each.
@@ -157,10 +162,10 @@ def test_unit_reads_equal_per_sample_reads_and_numpy(rasters, tmp_path_factory, 
 
 
 def test_each_unit_is_decoded_once_and_few_are_held(rasters, tmp_path, monkeypatch):
-    caches: list[ex._UnitCache] = []
+    caches: list[reading._UnitCache] = []
     reads: list[Any] = []
 
-    class Spy(ex._UnitCache):
+    class Spy(reading._UnitCache):
         def __init__(self, refs):
             super().__init__(refs)
             caches.append(self)
@@ -171,7 +176,7 @@ def test_each_unit_is_decoded_once_and_few_are_held(rasters, tmp_path, monkeypat
         reads.append(window)
         return real_read(self, window)
 
-    monkeypatch.setattr(ex, "_UnitCache", Spy)
+    monkeypatch.setattr(reading, "_UnitCache", Spy)
     monkeypatch.setattr(raster.SourceReader, "read", counting)
     sources = pair(rasters["tiles16"], 4)
     units = [12 * 11, 6 * 6]   # 16² units of the 190 × 170 and 95 × 85 rasters
@@ -224,7 +229,7 @@ def test_spooled_streaming_output_equals_in_memory_and_stays_bounded(rasters, tm
     spools: list[np.ndarray] = []
     resident: list[int] = []
     chunk_sizes: list[int] = []
-    real_scatter, real_write = ex._scatter, ex.write_patches_image
+    real_scatter, real_write = spool.scatter, writing.write_patches_image
 
     def scatter(buffer, index, patches):
         assert isinstance(buffer, np.memmap)   # spooled, not held in memory
@@ -240,8 +245,8 @@ def test_spooled_streaming_output_equals_in_memory_and_stays_bounded(rasters, tm
                 yield chunk
         return real_write(path, watched(), **kwargs)
 
-    monkeypatch.setattr(ex, "_scatter", scatter)
-    monkeypatch.setattr(ex, "write_patches_image", write)
+    monkeypatch.setattr(spool, "scatter", scatter)
+    monkeypatch.setattr(writing, "write_patches_image", write)
     page = os.sysconf("SC_PAGE_SIZE")
     settings = {"MEMMAP_BYTES": 1, "RELEASE_BYTES": 64 * page, "WRITE_CHUNK": 1000,
                 "READ_THREADS": 2}
@@ -259,7 +264,7 @@ def test_spooled_streaming_output_equals_in_memory_and_stays_bounded(rasters, tm
     assert max(resident) <= bound < total / 4
     # The measure is meaningful: without the releases the spools stay resident.
     resident.clear()
-    monkeypatch.setattr(ex, "_release", lambda buffer: None)
+    monkeypatch.setattr(spool, "release", lambda buffer: None)
     with patched(**settings):
         run(sources, points, tmp_path, "kept")
     assert max(resident) > total / 2
@@ -267,7 +272,7 @@ def test_spooled_streaming_output_equals_in_memory_and_stays_bounded(rasters, tm
 
 def test_write_chunks_are_bounded_by_construction(rasters, tmp_path, monkeypatch):
     shapes: list[tuple[int, ...]] = []
-    real = ex.write_patches_image
+    real = writing.write_patches_image
 
     def write(path, chunks, **kwargs):
         def watched():
@@ -276,7 +281,7 @@ def test_write_chunks_are_bounded_by_construction(rasters, tmp_path, monkeypatch
                 yield chunk
         return real(path, watched(), **kwargs)
 
-    monkeypatch.setattr(ex, "write_patches_image", write)
+    monkeypatch.setattr(writing, "write_patches_image", write)
     with patched(WRITE_CHUNK=100):
         summary, _, _ = run(pair(rasters["tiles32"]), uniform_points(1234, 2, margin=100.0),
                             tmp_path, "w")
@@ -317,7 +322,7 @@ def test_sharded_in_process_holds_the_same_samples(rasters, tmp_path, monkeypatc
     sources = pair(rasters["tiles16"], 4, nodata=37)
     points = uniform_points(3000, 3)
     single, patches, labels = run(sources, points, tmp_path, "one")
-    monkeypatch.setattr(ex, "CLUSTER_BLOCK", 64)
+    monkeypatch.setattr(reading, "CLUSTER_BLOCK", 64)
     sharded, _, _ = run_sharded(sources, points, tmp_path / "sh", points_out=True)
     assert len(sharded.shards["source1.out"]) > 4
     check_same_samples(single, patches, labels, sharded)
@@ -350,7 +355,7 @@ def run_sharded(sources, points, d: Path, points_out: bool = False, **kwargs):
 
 def test_failed_shard_leaves_no_folder_and_no_temporary(rasters, tmp_path, monkeypatch):
     calls = {"n": 0}
-    real = ex._write_shard
+    real = shards.write_shard
 
     def failing(*args, **kwargs):
         calls["n"] += 1
@@ -358,8 +363,8 @@ def test_failed_shard_leaves_no_folder_and_no_temporary(rasters, tmp_path, monke
             raise OSError("disk full")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ex, "_write_shard", failing)
-    monkeypatch.setattr(ex, "CLUSTER_BLOCK", 64)
+    monkeypatch.setattr(shards, "write_shard", failing)
+    monkeypatch.setattr(reading, "CLUSTER_BLOCK", 64)
     with pytest.raises(OSError, match="disk full"):
         run_sharded(pair(rasters["tiles16"]), uniform_points(500, 4), tmp_path)
     assert calls["n"] == 3
@@ -367,7 +372,7 @@ def test_failed_shard_leaves_no_folder_and_no_temporary(rasters, tmp_path, monke
 
 
 def test_sharded_rerun_replaces_folders_and_names_conflicts(rasters, tmp_path, monkeypatch):
-    monkeypatch.setattr(ex, "CLUSTER_BLOCK", 64)
+    monkeypatch.setattr(reading, "CLUSTER_BLOCK", 64)
     sources = pair(rasters["tiles16"])
     first, _, _ = run_sharded(sources, uniform_points(800, 6), tmp_path)
     stale = tmp_path / "sh_a_shards" / "stale.tif"
@@ -375,14 +380,14 @@ def test_sharded_rerun_replaces_folders_and_names_conflicts(rasters, tmp_path, m
     second, _, _ = run_sharded(sources, uniform_points(300, 7), tmp_path)
     assert not stale.exists() and second.n_collected < first.n_collected
     assert sorted((tmp_path / "sh_a_shards").iterdir()) == second.shards["source1.out"]
-    with pytest.raises(InputError, match=r"source2.out: its shard folder .*sh_a_shards"):
+    with pytest.raises(InputError, match=r"source2.out: .*sh_a.* is also source1.out"):
         ex.extract_patches(sources, uniform_points(10, 1), "class",
                            [tmp_path / "sh_a.tif", tmp_path / "." / "sh_a.tif"],
                            quiet=True, shards=True)
 
 
 def test_dataset_reads_shard_lists_and_folders(rasters, tmp_path, monkeypatch):
-    monkeypatch.setattr(ex, "CLUSTER_BLOCK", 64)
+    monkeypatch.setattr(reading, "CLUSTER_BLOCK", 64)
     sources = pair(rasters["tiles16"], 4, nodata=37)
     points = uniform_points(600, 8)
     single, patches, labels = run(sources, points, tmp_path, "one")
@@ -414,7 +419,7 @@ def test_dataset_reads_shard_lists_and_folders(rasters, tmp_path, monkeypatch):
 def test_model_trains_on_shards(rasters, tmp_path, monkeypatch):
     tf = pytest.importorskip("tensorflow")
     keras = pytest.importorskip("keras")
-    monkeypatch.setattr(ex, "CLUSTER_BLOCK", 64)
+    monkeypatch.setattr(reading, "CLUSTER_BLOCK", 64)
     sharded, _, _ = run_sharded(pair(rasters["tiles16"]), uniform_points(400, 9), tmp_path)
     dataset = DatasetFromPatchesImages(filenames_dict={
         "input_10m": sharded.shards["source1.out"], "input_20m": sharded.shards["source2.out"],
@@ -450,7 +455,7 @@ def test_sharded_on_local_cluster_equals_single_file(client, rasters, tmp_path, 
     sources = pair(rasters["strips7"], 4, nodata=37)
     points = uniform_points(4000, 10)
     single, patches, labels = run(sources, points, tmp_path, "one")
-    monkeypatch.setattr(ex, "CLUSTER_BLOCK", 64)   # shipped with the task's arguments
+    monkeypatch.setattr(reading, "CLUSTER_BLOCK", 64)   # shipped with the task's arguments
     sharded, _, _ = run_sharded(sources, points, tmp_path / "sh", scheduler=client)
     assert len(sharded.shards["source1.out"]) >= 6
     check_same_samples(single, patches, labels, sharded)
@@ -465,7 +470,7 @@ def test_sharded_on_local_cluster_equals_single_file(client, rasters, tmp_path, 
 
 
 def test_nodata_everywhere_in_shards_is_an_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(ex, "CLUSTER_BLOCK", 64)
+    monkeypatch.setattr(reading, "CLUSTER_BLOCK", 64)
     data = np.zeros((1, 85, 95), np.uint16)
     zero = write_raster(tmp_path / "zero.tif", data, Affine(20, 0, L, 0, -20, T), crs=CRS)
     fine = coordinate_raster(tmp_path / "f.tif", 190, 170, Affine(10, 0, L, 0, -10, T),
@@ -480,7 +485,7 @@ def test_cli_shards_key(rasters, tmp_path, monkeypatch):
     from terrapatch.cli import main
     from terrapatch.vector import write_points
 
-    monkeypatch.setattr(ex, "CLUSTER_BLOCK", 64)
+    monkeypatch.setattr(reading, "CLUSTER_BLOCK", 64)
     pts = uniform_points(300, 11)
     vec = write_points(tmp_path / "p.gpkg", pts.x, pts.y, {"class": pts.labels}, crs=CRS)
     fine, coarse = rasters["tiles16"]
@@ -488,7 +493,8 @@ def test_cli_shards_key(rasters, tmp_path, monkeypatch):
                  "-source1.patchsizey", "8", "-source1.out", str(tmp_path / "a.tif"), "uint16",
                  "-source2.il", str(coarse), "-source2.patchsizex", "4", "-source2.patchsizey",
                  "4", "-source2.out", str(tmp_path / "b.tif"), "-vec", str(vec), "-field",
-                 "class", "-outlabels", str(tmp_path / "l.tif"), "-shards", "true", "--quiet"])
+                 "class", "-outlabels", str(tmp_path / "l.tif"), "int32", "-shards", "true",
+                 "--quiet"])
     assert code == 0
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["a_shards", "b_shards", "l_shards", "p.gpkg"]

@@ -502,7 +502,7 @@ def test_sample_polygons_strategies(polygon_scene, tmp_path):
                              counts={"water": 3, "forest": 2}, seed=1)
     assert np.array_equal(same.samples.x, quota.samples.x)
     written = quota.write(tmp_path / "q.gpkg")
-    assert json.loads(written["classmap"].read_text())["classes"] == {"0": "forest",
+    assert json.loads(written["outclassmap"].read_text())["classes"] == {"0": "forest",
                                                                        "1": "water"}
     back = read_points(written["out"], "class")
     assert back.labels.tolist() == quota.samples.fields["class"].tolist()

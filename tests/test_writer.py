@@ -128,7 +128,7 @@ def test_check_writable(tmp_path):
 def test_atomic_output_renames_on_success(tmp_path):
     target = tmp_path / "a.tif"
     with atomic_output(target, "out") as tmp:
-        assert tmp.parent == tmp_path and tmp != target
+        assert tmp.parent == tmp_path / ".a.tif.pending" and tmp != target
         assert not target.exists()
         tmp.write_bytes(b"complete")
         Path(str(tmp) + ".aux.xml").write_text("<PAMDataset/>")
@@ -187,6 +187,8 @@ def test_output_group_commits_all_or_nothing(tmp_path):
 
 def test_extraction_failure_on_last_output_leaves_no_output(tmp_path, monkeypatch):
     import terrapatch.extraction as ex
+    from terrapatch.extraction import job
+    from terrapatch.raster import Source
     from terrapatch.testing import make_scene
 
     scene = make_scene(tmp_path / "scene", size=128, n_points=100)
@@ -196,9 +198,9 @@ def test_extraction_failure_on_last_output_leaves_no_output(tmp_path, monkeypatc
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ex, "write_points", broken)
+    monkeypatch.setattr(job, "write_points", broken)
     with pytest.raises(OSError, match="disk full"):
-        ex.extract_patches([ex.Source(scene.img_10m, 16, 0)], scene.points_train, "class",
+        ex.extract_patches([Source(scene.img_10m, 16, 0)], scene.points_train, "class",
                            [out / "p.tif"], labels_out=out / "l.tif",
                            points_out=out / "pts.gpkg", quiet=True)
     assert list(out.iterdir()) == []

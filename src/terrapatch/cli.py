@@ -3,26 +3,34 @@
 ``terrapatch PatchesExtraction -source1.il a.tif -source1.patchsizex 16 ...`` runs an
 application with OTB's ``-key value`` syntax (``-help`` lists its parameters, with
 ``source1..sourceN`` groups, N from ``OTB_TF_NSOURCES``). ``terrapatch export ...``
-and other commands have their own argparse options. Errors on bad input print one
-line on stderr and exit with code 2; ``--debug`` shows the traceback.
+and other commands have their own argparse options (:class:`CommandParser`). Errors on
+bad input print one line on stderr and exit with code 2; SIGINT exits with 130 and
+SIGTERM with 143, after one line and the run's clean-up; library warnings become one
+``WARNING:`` line each (or none, for those terrapatch handles itself); ``--debug`` shows
+tracebacks and the libraries' own output.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import importlib
 import logging
 import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, NoReturn
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from terrapatch.apps import REGISTRY, get_app
 from terrapatch.apps._base import sources_from_env
 from terrapatch.errors import InputError, TerrapatchError
-from terrapatch.progress import configure_logging
+from terrapatch.progress import configure_logging, logger
+from terrapatch.writer import failure_reason
 
 #: terrapatch's own commands → "module:function" taking argv and returning an exit code.
 COMMANDS: dict[str, str] = {
@@ -30,6 +38,7 @@ COMMANDS: dict[str, str] = {
     "demo": "terrapatch.demo:main",
 }
 
+EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
@@ -41,6 +50,36 @@ class Terminated(KeyboardInterrupt):
 
 def _raise_terminated(signum: int, frame: object) -> None:
     raise Terminated()
+
+
+class CommandParser(argparse.ArgumentParser):
+    """Argument parser of terrapatch's own commands: usage errors are one-line errors (exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        """Raise the usage error (``argument --size: invalid int value``) as an InputError."""
+        raise InputError(message)
+
+
+def _warning_line(message: Warning | str, category: type[Warning], filename: str,
+                  lineno: int, file: Any = None, line: str | None = None) -> None:
+    """Show a library warning as one ``WARNING:`` line (no source file, no code line)."""
+    text = str(message).strip().splitlines()
+    logger.warning("%s: %s", category.__name__, text[0] if text else "")
+
+
+@contextlib.contextmanager
+def _quiet_libraries() -> Iterator[None]:
+    """Library warnings as one line each; those terrapatch reports itself, none.
+
+    ``NotGeoreferencedWarning``: terrapatch refuses inputs without georeference in its
+    own words, and writes labels images (1 × N, no georeference) on purpose.
+    """
+    from rasterio.errors import NotGeoreferencedWarning
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=NotGeoreferencedWarning)
+        warnings.showwarning = _warning_line
+        yield
 
 
 def _usage() -> str:
@@ -101,6 +140,19 @@ def run_app(name: str, argv: Sequence[str], quiet: bool) -> int:
     return 0
 
 
+def _dispatch(name: str, rest: list[str], quiet: bool) -> int:
+    """Run the application or command ``name``; returns its exit code."""
+    if name in REGISTRY:
+        return run_app(name, rest, quiet)
+    if name in COMMANDS:
+        module_name, _, attr = COMMANDS[name].partition(":")
+        func: Callable[[list[str]], int] = getattr(importlib.import_module(module_name), attr)
+        return int(func(rest + (["--quiet"] if quiet else [])) or 0)
+    print(f"terrapatch: error: unknown application or command {name!r}\n\n{_usage()}",
+          file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``terrapatch`` command; returns the exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -120,29 +172,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        if name in REGISTRY:
-            return run_app(name, rest, quiet)
-        if name in COMMANDS:
-            module_name, _, attr = COMMANDS[name].partition(":")
-            func: Callable[[list[str]], int] = getattr(importlib.import_module(module_name), attr)
-            return int(func(rest + (["--quiet"] if quiet else [])) or 0)
-        print(f"terrapatch: error: unknown application or command {name!r}\n\n{_usage()}",
-              file=sys.stderr)
-        return EXIT_BAD_INPUT
+        with contextlib.ExitStack() as stack:
+            if not debug:
+                stack.enter_context(_quiet_libraries())
+            return _dispatch(name, rest, quiet)
     except TerrapatchError as exc:
         if debug:
             raise
         print(f"terrapatch {name}: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except BrokenPipeError:  # e.g. `terrapatch APP -help | head`
+        sys.stderr.close()
+        return 0
+    except OSError as exc:  # an I/O failure no check foresaw: still one line
+        if debug:
+            raise
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        print(f"terrapatch {name}: error: {failure_reason(exc)}{where} (--debug shows where)",
+              file=sys.stderr)
+        return EXIT_FAILED
     except Terminated:
         print(f"terrapatch {name}: terminated (SIGTERM)", file=sys.stderr)
         return EXIT_TERMINATED
     except KeyboardInterrupt:
         print(f"terrapatch {name}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except BrokenPipeError:  # e.g. `terrapatch APP -help | head`
-        sys.stderr.close()
-        return 0
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

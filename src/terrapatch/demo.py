@@ -15,7 +15,6 @@ before step 1 with a one-line error naming the extra to install.
 
 from __future__ import annotations
 
-import argparse
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,12 +30,15 @@ from terrapatch._optional import (
     set_tensorflow_log_level,
 )
 from terrapatch.apps import get_app
-from terrapatch.errors import MissingExtraError
+from terrapatch.errors import InputError, MissingExtraError
 from terrapatch.progress import logger
 from terrapatch.testing import CLASSES, make_scene
-from terrapatch.writer import atomic_output
+from terrapatch.writer import Output, atomic_output, cannot_write, claim_outputs
 
 SOURCES = ("img_10m", "img_20m")
+#: Smallest and largest scene (10 m pixels a side) the demo runs on: below, too few
+#: patches to train on; above, the demo is no longer a demo.
+MIN_SIZE, MAX_SIZE = 128, 8192
 
 set_tensorflow_log_level()
 
@@ -225,21 +227,38 @@ def write_report(out: Path, scores: dict[str, Any], maps: dict[str, Path],
 
 def main(argv: list[str] | None = None) -> int:
     """Run the demo; returns the exit code."""
-    parser = argparse.ArgumentParser(prog="terrapatch demo", description=__doc__.splitlines()[0])
+    from terrapatch.cli import CommandParser
+
+    parser = CommandParser(prog="terrapatch demo", description=__doc__.splitlines()[0])
     parser.add_argument("outdir", nargs="?", default="demo_out", help="output directory")
-    parser.add_argument("--size", type=int, default=512, help="10 m scene size in pixels")
+    parser.add_argument("--size", type=int, default=512, help="10 m scene size in pixels "
+                        f"(even, {MIN_SIZE}..{MAX_SIZE})")
     parser.add_argument("--epochs", type=int, default=12, help="training epochs per model")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
+    if not MIN_SIZE <= args.size <= MAX_SIZE or args.size % 2:
+        raise InputError(f"--size: {args.size} must be an even number of pixels in "
+                         f"{MIN_SIZE}..{MAX_SIZE}")
+    if args.epochs < 1:
+        raise InputError(f"--epochs: {args.epochs} must be ≥ 1")
     check_extras()
     out = Path(args.outdir)
-    out.mkdir(parents=True, exist_ok=True)
+    with claim_outputs({"outdir": Output(out, "folder")}):  # one demo per folder at a time
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise cannot_write(exc, out, "outdir") from None
+        return _run(out, args.size, args.epochs, args.quiet)
+
+
+def _run(out: Path, size: int, epochs: int, quiet: bool) -> int:
+    """The demo's steps, writing into ``out``."""
     steps = _Steps()
-    scene = steps.run("scene", make_scene, out / "scene", size=args.size)
-    points = steps.run("selection", select, scene.directory, out, args.quiet)
-    patches = steps.run("extraction", extract, scene.directory, points, out, args.quiet)
-    dual = steps.run("training (dual source)", train, patches, out, True, args.epochs)
-    single = steps.run("training (single source)", train, patches, out, False, args.epochs)
+    scene = steps.run("scene", make_scene, out / "scene", size=size)
+    points = steps.run("selection", select, scene.directory, out, quiet)
+    patches = steps.run("extraction", extract, scene.directory, points, out, quiet)
+    dual = steps.run("training (dual source)", train, patches, out, True, epochs)
+    single = steps.run("training (single source)", train, patches, out, False, epochs)
 
     from terrapatch.export import export_model
     from terrapatch.patches import read_patches_info
@@ -248,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
                          savedmodel=out / "model_dual_source_savedmodel",
                          onnx=out / "model_dual_source.onnx")
     models = {"savedmodel": exported["savedmodel"], "onnx": exported["onnx"], "single": single}
-    maps = steps.run("serving", serve_maps, scene.directory, models, out, args.quiet)
+    maps = steps.run("serving", serve_maps, scene.directory, models, out, quiet)
     scores = steps.run("evaluation", lambda: {
         "single": evaluate(single, patches["valid"], dual=False),
         "dual": evaluate(dual, patches["valid"], dual=True)})

@@ -25,6 +25,7 @@ from __future__ import annotations
 import abc
 import os
 import sys
+import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -327,6 +328,18 @@ class SavedModelEngine(Engine):
         return {k: result[k].numpy() for k in outputs}
 
 
+def check_keras_file(path: str | os.PathLike[str], parameter: str = "model.dir") -> None:
+    """Refuse a ``.keras`` file that is not a zip archive (damaged, truncated, renamed).
+
+    Keras reports such a file as "File not found" although it exists.
+    """
+    text = os.fspath(path)
+    if os.path.isfile(text) and not zipfile.is_zipfile(text):
+        raise ModelError(f"{parameter}: cannot load the Keras model {text!r}: the file exists "
+                         "but is not a zip archive, as .keras files are (damaged, truncated "
+                         "or of another format)")
+
+
 def _tf_info(name: str, spec: Any) -> TensorInfo:
     shape = spec.shape
     dims = None if shape.rank is None else tuple(shape.as_list())
@@ -370,6 +383,7 @@ class KerasEngine(Engine):
         keras = import_keras(f"{parameter}: serving the Keras model {path!r}", hint=_ONNX_HINT,
                              error=MissingEngineError)
         if _model is None:
+            check_keras_file(path, parameter)
             _register_layers()
             try:
                 _model = keras.saving.load_model(path, compile=False)

@@ -19,9 +19,10 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from terrapatch._optional import import_keras, import_tensorflow, require, tensorflow_startup
+from terrapatch.engines import check_keras_file
 from terrapatch.errors import (
     InputError,
     MissingEngineError,
@@ -29,7 +30,12 @@ from terrapatch.errors import (
     ModelError,
     TerrapatchError,
 )
-from terrapatch.writer import atomic_directory, atomic_output, check_writable
+from terrapatch.writer import (
+    Output,
+    atomic_directory,
+    atomic_output,
+    claim_outputs,
+)
 
 __all__ = ["export_model", "export_onnx", "export_savedmodel", "main"]
 
@@ -181,34 +187,31 @@ def export_model(
         raise InputError("export: give at least one output, savedmodel or onnx")
     if not os.path.isfile(model_path):
         raise MissingInputError(f"model: file {os.fspath(model_path)!r} does not exist")
-    if onnx is not None:
-        check_writable(onnx, "onnx")
-    # Fail before loading anything when the tensorflow extra is incomplete.
-    import_keras(f"export: exporting the Keras model {os.fspath(model_path)!r}",
-                 error=MissingEngineError)
-    if onnx is not None:
-        _onnx_converter()
-    with tensorflow_startup():
-        from terrapatch.model import load_model
-
-    model = load_model(model_path)
+    check_keras_file(model_path, "model")
+    outputs = {"savedmodel": None if savedmodel is None else Output(savedmodel, "folder"),
+               "onnx": None if onnx is None else Output(onnx, "onnx")}
     written: dict[str, Path] = {}
-    if savedmodel is not None:
-        written["savedmodel"] = export_savedmodel(model, savedmodel)
-    if onnx is not None:
-        written["onnx"] = export_onnx(model, onnx, opset=opset)
+    with claim_outputs(outputs, {"model": model_path}):
+        # Fail before loading anything when the tensorflow extra is incomplete.
+        import_keras(f"export: exporting the Keras model {os.fspath(model_path)!r}",
+                     error=MissingEngineError)
+        if onnx is not None:
+            _onnx_converter()
+        with tensorflow_startup():
+            from terrapatch.model import load_model
+
+        model = load_model(model_path)
+        if savedmodel is not None:
+            written["savedmodel"] = export_savedmodel(model, savedmodel)
+        if onnx is not None:
+            written["onnx"] = export_onnx(model, onnx, opset=opset)
     return written
 
 
-class _ArgumentParser(argparse.ArgumentParser):
-    """Argument parser whose usage errors are terrapatch errors (one line, exit 2)."""
-
-    def error(self, message: str) -> NoReturn:
-        raise InputError(f"export: {message}")
-
-
 def _parser() -> argparse.ArgumentParser:
-    parser = _ArgumentParser(
+    from terrapatch.cli import CommandParser
+
+    parser = CommandParser(
         prog="terrapatch export",
         description="Export a .keras model to a TensorFlow SavedModel and/or an ONNX file.",
     )
@@ -216,6 +219,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--savedmodel", help="output SavedModel directory")
     parser.add_argument("--onnx", help="output ONNX file")
     parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: tf2onnx's)")
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
     return parser
 
 

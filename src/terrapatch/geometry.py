@@ -452,6 +452,38 @@ def spacing_ratios(grids: Sequence[Grid], spacing: tuple[float, float]
     return out
 
 
+def misalignments(grids: Sequence[Grid]) -> list[str]:
+    """One line per source whose grid is offset from source 1's by a fraction of a pixel.
+
+    Per axis, the offset is that of the source's origin from the nearest line of the
+    finer of the two grids; where it is not a whole pixel (beyond the module's
+    tolerance) the grids do not nest, so no window of that source can cover exactly a
+    window of source 1: each source's window is still centred on the sample, to the
+    nearest pixel (:meth:`Layout.window_starts`). Empty when every grid nests.
+    """
+    ref = grids[0]
+    units = getattr(ref.crs, "linear_units", "") or ""
+    unit = " m" if units.lower() in ("metre", "meter", "metres", "meters") else " map units"
+    lines = []
+    for g in grids[1:]:
+        offsets = []
+        for dim, axis in ((0, "x"), (1, "y")):
+            fine = min(ref.axis(dim).spacing, g.axis(dim).spacing)
+            steps = (g.axis(dim).origin - ref.axis(dim).origin) / fine
+            fraction = abs(steps - round(steps))
+            if fraction > SNAP_TOLERANCE:
+                offsets.append(f"{fraction:.3g} px ({fraction * fine:g}{unit}) in {axis}")
+        if offsets:
+            lines.append(
+                f"{g.name.split(' (')[0]}: its grid is offset from "
+                f"{ref.name.split(' (')[0]}'s by {' and '.join(offsets)}, so the two do not "
+                "nest; terrapatch centres its windows on each sample to the nearest pixel "
+                f"(up to {max(g.spacing) / 2:g}{unit} off); resample it onto a grid nested "
+                "with source 1's for exact co-registration"
+            )
+    return lines
+
+
 def serving_strides(grids: Sequence[Grid], spcscale: int, fullyconv: bool
                     ) -> list[tuple[int, int]] | None:
     """Source pixels per output pixel of each source, per axis, if integers.

@@ -42,7 +42,7 @@ import rasterio
 import shapely
 from affine import Affine
 from rasterio.crs import CRS
-from rasterio.errors import RasterioIOError
+from rasterio.errors import RasterioError, RasterioIOError
 from rasterio.windows import Window
 
 from terrapatch.errors import GeometryError, InputError, MissingInputError, NoSamplesError
@@ -50,7 +50,15 @@ from terrapatch.geometry import Grid, Layout, crs_label
 from terrapatch.progress import logger, progress_bar
 from terrapatch.raster import is_remote, nodata_mask
 from terrapatch.vector import read_layers, write_points
-from terrapatch.writer import atomic_output, check_writable, output_group
+from terrapatch.writer import (
+    Output,
+    atomic_output,
+    check_outputs,
+    check_writable,
+    failure_reason,
+    final_path,
+    output_group,
+)
 
 PathLike = str | os.PathLike[str]
 
@@ -114,7 +122,8 @@ class Samples:
         Raises :class:`~terrapatch.errors.NoSamplesError` when there is no point.
         """
         if len(self) == 0:
-            raise NoSamplesError(f"{parameter}: no point to write to {os.fspath(path)!r}")
+            raise NoSamplesError(f"{parameter}: no point to write to "
+                                 f"{os.fspath(final_path(path))!r}")
         return write_points(path, self.x, self.y, self.fields, crs=self.crs, parameter=parameter,
                             layer=layer)
 
@@ -291,14 +300,14 @@ class PolygonSamples:
             if self.class_names is not None:
                 target = Path(class_map) if class_map is not None else \
                     Path(path).with_suffix(".classes.json")
-                write_class_map(stage(target, "classmap"), self.class_names,
-                                self.statistics.field)
-                written["classmap"] = target
+                write_class_map(stage(target, "outclassmap"), self.class_names,
+                                self.statistics.field, "outclassmap")
+                written["outclassmap"] = target
         return written
 
 
 def write_class_map(path: PathLike, class_names: Mapping[int, str], field_name: str,
-                    parameter: str = "classmap") -> Path:
+                    parameter: str = "outclassmap") -> Path:
     """Write a class code → name map as JSON (``{"field": ..., "classes": {code: name}}``)."""
     target = Path(path)
     payload = {"field": field_name,
@@ -338,6 +347,15 @@ def _open_info(path: PathLike, parameter: str) -> _RasterInfo:
     grid = Grid(transform, width, height, crs, f"{parameter} ({text})")
     return _RasterInfo(text, grid, count, np.dtype(np.result_type(*dtypes)),
                        None if nodata is None else float(nodata), parameter)
+
+
+def _read(ds: Any, parameter: str, *args: Any, **kwargs: Any) -> np.ndarray:
+    """``ds.read(...)``; a damaged or truncated file is an :class:`InputError` naming it."""
+    try:
+        return np.asarray(ds.read(*args, **kwargs))
+    except (RasterioError, OSError) as exc:
+        raise InputError(f"{parameter}: cannot read {ds.name!r} ({failure_reason(exc)}); is "
+                         "the file complete?") from None
 
 
 def _check_same_grid(ref: _RasterInfo, other: _RasterInfo) -> None:
@@ -731,13 +749,13 @@ def _scan_grid(info: _RasterInfo, sx: np.ndarray, sy: np.ndarray, psize: tuple[i
                 window = Window(0, r0, width, int(sy[i1 - 1]) + py - r0)
                 ok: np.ndarray | None = None
                 if nodata is not None:
-                    ok = _pixel_valid(datasets["in"].read(window=window), nodata)
+                    ok = _pixel_valid(_read(datasets["in"], info.parameter, window=window), nodata)
                 if mask_info is not None:
-                    m = datasets["mask"].read(1, window=window) != 0
+                    m = _read(datasets["mask"], mask_info.parameter, 1, window=window) != 0
                     ok = m if ok is None else ok & m
                 lab = lab_ok = None
                 if label_info is not None:
-                    raw = datasets["label"].read(1, window=window)
+                    raw = _read(datasets["label"], label_info.parameter, 1, window=window)
                     lab_ok = np.ones(raw.shape, dtype=bool)
                     if label_info.nodata is not None:
                         lab_ok &= ~nodata_mask(raw, label_info.nodata)
@@ -788,7 +806,7 @@ def _label_values(info: _RasterInfo) -> np.ndarray:
     found: set[int] = set()
     with rasterio.open(info.path) as ds:
         for r0, r1 in _row_strips(ds.height, ds.width, info.dtype.itemsize + 24):
-            raw = ds.read(1, window=Window(0, r0, ds.width, r1 - r0))
+            raw = _read(ds, info.parameter, 1, window=Window(0, r0, ds.width, r1 - r0))
             ok = np.ones(raw.shape, dtype=bool)
             if info.nodata is not None:
                 ok &= ~nodata_mask(raw, info.nodata)
@@ -1026,7 +1044,7 @@ def _label_strips(info: _RasterInfo, pad: int, nodata: float | None,
     with rasterio.open(info.path) as ds, \
             progress_bar(len(plan), "reading labels", unit="strip", quiet=quiet) as bar:
         for r0, r1 in plan:
-            raw = ds.read(1, window=Window(pad, pad + r0, width, r1 - r0))
+            raw = _read(ds, info.parameter, 1, window=Window(pad, pad + r0, width, r1 - r0))
             valid = np.ones(raw.shape, dtype=bool)
             for value in (nodata, info.nodata):
                 if value is not None:
@@ -1170,7 +1188,8 @@ def _polygon_strips(info: _RasterInfo, polys: _Polygons, nodata: float | None,
                     index = np.full((r1 - r0, width), -1, dtype=np.int32)
                 valid = index >= 0
                 if ds is not None and nodata is not None and valid.any():
-                    valid &= _pixel_valid(ds.read(window=Window(0, r0, width, r1 - r0)), nodata)
+                    valid &= _pixel_valid(
+                        _read(ds, info.parameter, window=Window(0, r0, width, r1 - r0)), nodata)
                 yield r0, np.where(valid, lut[np.maximum(index, 0)], 0), valid, index
                 bar.update(1)
     finally:
@@ -1216,7 +1235,7 @@ def polygon_class_statistics(
         Class field: integer, integer-valued real, or strings (mapped to codes 0, 1, 2… in
         sorted name order; see :attr:`PolygonStatistics.class_names`).
     out
-        Optional output: OTB statistics XML when it ends with ``.xml``, else JSON.
+        Optional output: OTB statistics XML (``.xml``) or JSON (``.json``).
     nodata
         When set, pixels whose bands all equal it are not counted.
     quiet
@@ -1228,7 +1247,7 @@ def polygon_class_statistics(
         Per-class and per-polygon pixel counts.
     """
     if out is not None:
-        check_writable(out, "out")
+        check_outputs({"out": Output(out, "statistics")}, {"in": raster, "vec": polygons})
     info = _open_info(raster, "in")
     polys = _read_polygons(polygons, field, info.grid.crs)
     stats = _statistics(info, polys, nodata, quiet)

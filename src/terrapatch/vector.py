@@ -8,9 +8,7 @@ feature carrying the field but not a point geometry is an error.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +21,12 @@ from rasterio.crs import CRS
 
 from terrapatch.errors import CRSMismatchError, InputError, MissingInputError
 from terrapatch.geometry import crs_label
-from terrapatch.writer import check_writable
+from terrapatch.progress import logger
+from terrapatch.writer import check_writable, output_group
 
-_DRIVERS = {".gpkg": "GPKG", ".geojson": "GeoJSON", ".json": "GeoJSON", ".shp": "ESRI Shapefile"}
+#: Vector output formats by extension.
+VECTOR_DRIVERS = {".gpkg": "GPKG", ".geojson": "GeoJSON", ".json": "GeoJSON",
+                  ".shp": "ESRI Shapefile"}
 
 
 @dataclass(frozen=True)
@@ -181,9 +182,16 @@ def read_points(
     target = crs if crs is not None else next(
         (layer.crs for layer in layers if layer.crs is not None), None)
     xs, ys, labels = [np.empty(0)], [np.empty(0)], [np.empty(0, dtype=np.int64)]
+    not_finite = 0
     for layer in layers:
         coords = shapely.get_coordinates(layer.geometries)
         x, y = coords[:, 0], coords[:, 1]
+        finite = np.isfinite(x) & np.isfinite(y)
+        if not finite.all():  # NaN coordinates: no position, skipped like a missing one
+            not_finite += int((~finite).sum())
+            x, y = x[finite], y[finite]
+            layer = LayerFeatures(layer.name, layer.geometries[finite], layer.values[finite],
+                                  layer.crs)
         if target is not None and layer.crs is not None and layer.crs != target:
             if not reproject:
                 raise CRSMismatchError(
@@ -200,19 +208,22 @@ def read_points(
         ys.append(y)
         labels.append(_labels_as_int(layer.values, os.fspath(path), field))
     x, y, lab = np.concatenate(xs), np.concatenate(ys), np.concatenate(labels)
-    points_crs = target
-    return PointSet(x.astype(np.float64), y.astype(np.float64), lab, points_crs, skipped)
+    if not_finite:
+        logger.warning("%s: %d feature(s) of %s with NaN or infinite coordinates skipped",
+                       parameter, not_finite, os.fspath(path))
+    return PointSet(x.astype(np.float64), y.astype(np.float64), lab, target,
+                    skipped + not_finite)
 
 
 def vector_driver(path: str | os.PathLike[str], parameter: str = "out") -> str:
     """OGR driver name for an output path, from its extension."""
     suffix = Path(path).suffix.lower()
-    if suffix not in _DRIVERS:
+    if suffix not in VECTOR_DRIVERS:
         raise InputError(
             f"{parameter}: cannot tell the vector format of {os.fspath(path)!r}; "
-            f"use one of {', '.join(sorted(_DRIVERS))}"
+            f"use one of {', '.join(sorted(VECTOR_DRIVERS))}"
         )
-    return _DRIVERS[suffix]
+    return VECTOR_DRIVERS[suffix]
 
 
 def write_points(
@@ -224,10 +235,11 @@ def write_points(
     parameter: str = "out",
     layer: str | None = None,
 ) -> Path:
-    """Write a point layer atomically (temporary name, then rename).
+    """Write a point layer atomically (in its pending folder, then renamed).
 
     The format comes from the extension (``.gpkg``, ``.geojson``, ``.shp``); the layer
-    is named ``layer`` (default: the file name without extension).
+    is named ``layer`` (default: the file name without extension). A shapefile's files
+    appear together. A path already staged by the caller is written where it is.
     """
     target = check_writable(path, parameter)
     driver = vector_driver(target, parameter)
@@ -235,19 +247,8 @@ def write_points(
     names = list(fields)
     data = [np.asarray(fields[n]) for n in names]
     crs_text = None if crs is None else CRS.from_user_input(crs).to_wkt()
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    tmp = tmpdir / target.name
-    try:
-        pyogrio.raw.write(tmp, geometry=geometry, field_data=data, fields=names, crs=crs_text,
-                          driver=driver, geometry_type="Point",
-                          layer=layer or target.stem)
-        produced = sorted(tmpdir.iterdir())
-        for item in produced:  # shapefiles come as several files
-            os.replace(item, target.parent / (target.stem + item.name[len(target.stem):]))
-    finally:
-        for item in tmpdir.iterdir():
-            with contextlib.suppress(OSError):
-                item.unlink()
-        with contextlib.suppress(OSError):
-            tmpdir.rmdir()
+    with output_group() as stage:
+        pyogrio.raw.write(stage(target, parameter), geometry=geometry, field_data=data,
+                          fields=names, crs=crs_text, driver=driver, geometry_type="Point",
+                          layer=layer or Path(target).stem)
     return target

@@ -37,6 +37,8 @@ class PatchesExtraction(App):
         Param("vec", "path", "sample points (GeoJSON, GPKG, Shapefile…)", required=True),
         Param("field", "str", "integer label field of the points", required=True),
         Param("outlabels", "out", "output labels image (1 × N)", pixel_type="uint8"),
+        Param("outlabels.clamp", "bool", "clamp class values the labels' pixel type cannot "
+              "hold (with a warning; those classes merge) instead of failing", default=False),
         Param("outpoints", "outvec", "output vector of the kept points with their patch index"),
         Param("grid.factor", "int", "sampling grid spacing in source-1 pixels "
               "(default: coarsest spacing / source-1 spacing when integer)"),
@@ -80,4 +82,5 @@ class PatchesExtraction(App):
             scheduler=self.scheduler,
             workers=self.workers,
             shards=bool(self.get("shards")),
+            clamp_labels=bool(self.get("outlabels.clamp")),
         )

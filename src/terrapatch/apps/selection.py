@@ -28,7 +28,7 @@ from terrapatch.sampling import (
     select_from_label_image,
     select_patches,
 )
-from terrapatch.writer import check_writable
+from terrapatch.writer import Output, claim_outputs
 
 _RAM = Param("ram", "int", "accepted for OTB compatibility; ignored (memory is bounded by "
              "strips of rows)")
@@ -102,9 +102,6 @@ class PatchesSelection(App):
         """Run the selection and write the point files."""
         strategy = self.get("strategy")
         outs = {k: self.get(k) for k in ("outtrain", "outvalid", "outtest")}
-        for key, path in outs.items():
-            if path:
-                check_writable(path, key)
         proportions = (
             self.get("strategy.split.trainprop"),
             self.get("strategy.split.validprop") if outs["outvalid"] else 0.0,
@@ -135,6 +132,14 @@ class PatchesSelection(App):
                 raise InputError(f"label: {label!r} differs from strategy.balanced.labelimage "
                                  f"{balanced_label!r}; balanced uses one label image")
             label = balanced_label
+        inputs = {"in": self.get("in"), "mask": self.get("mask"), "label": label}
+        with claim_outputs({k: Output(v, "vector") if v else None for k, v in outs.items()},
+                           inputs):
+            return self._select(strategy, proportions, label, outs)
+
+    def _select(self, strategy: str, proportions: tuple[float, float, float], label: Any,
+                outs: dict[str, Any]) -> PatchSelection:
+        """Select the patches and write the groups (their outputs claimed by :meth:`run`)."""
         selection = select_patches(
             self.get("in"), self.get("grid.psize"), self.get("grid.step"),
             offset=(self.get("grid.offsetx"), self.get("grid.offsety")),
@@ -177,14 +182,14 @@ class LabelImageSampleSelection(App):
     def run(self) -> Samples:
         """Run the selection and write the points."""
         out = self.get("outvec")
-        check_writable(out, "outvec")
-        samples = select_from_label_image(
-            self.get("inref"), strategy=self.get("strategy"),
-            count=self.get("strategy.constant.nb"), total=self.get("strategy.total.v"),
-            nodata=self.get("nodata"), pad=self.get("pad"), method=self.get("pick"),
-            seed=self.get("seed"), rebase=bool(self.get("rebase")), quiet=self.quiet,
-        )
-        samples.write(out, "outvec")
+        with claim_outputs({"outvec": Output(out, "vector")}, {"inref": self.get("inref")}):
+            samples = select_from_label_image(
+                self.get("inref"), strategy=self.get("strategy"),
+                count=self.get("strategy.constant.nb"), total=self.get("strategy.total.v"),
+                nodata=self.get("nodata"), pad=self.get("pad"), method=self.get("pick"),
+                seed=self.get("seed"), rebase=bool(self.get("rebase")), quiet=self.quiet,
+            )
+            samples.write(out, "outvec")
         return samples
 
 
@@ -201,17 +206,19 @@ class DensePolygonClassStatistics(App):
               required=True),
         Param("field", "str", "class field (integer or strings)", required=True),
         Param("nodata", "float", "do not count pixels whose bands all equal this value"),
-        Param("out", "outvec", "statistics file: OTB XML when it ends with .xml, else JSON",
+        Param("out", "outvec", "statistics file: OTB XML (.xml) or JSON (.json)",
               required=True),
         _RAM,
     )
 
     def run(self) -> PolygonStatistics:
         """Compute and write the statistics."""
-        return polygon_class_statistics(
-            self.get("in"), self.get("vec"), self.get("field"), out=self.get("out"),
-            nodata=self.get("nodata"), quiet=self.quiet,
-        )
+        with claim_outputs({"out": Output(self.get("out"), "statistics")},
+                           {"in": self.get("in"), "vec": self.get("vec")}):
+            return polygon_class_statistics(
+                self.get("in"), self.get("vec"), self.get("field"), out=self.get("out"),
+                nodata=self.get("nodata"), quiet=self.quiet,
+            )
 
 
 def _parse_counts(items: tuple[str, ...]) -> dict[str, int]:
@@ -268,7 +275,6 @@ class PolygonSampleSelection(App):
     def run(self) -> PolygonSamples:
         """Draw and write the points."""
         out = self.get("out")
-        check_writable(out, "out")
         strategy = self.get("strategy")
         counts: Any = None
         if strategy == "constant":
@@ -288,11 +294,15 @@ class PolygonSampleSelection(App):
                         "strategy.balanced.nb"):
                 if self.values.get(key) not in (None, ()):
                     raise InputError(f"{key}: counts are not used with strategy all")
-        result = sample_polygons(
-            self.get("in"), self.get("vec"), self.get("field"), strategy=strategy,
-            counts=counts, mode=self.get("mode"), seed=self.get("seed"),
-            nodata=self.get("nodata"), quiet=self.quiet,
-        )
         class_map = self.get("outclassmap")
-        result.write(out, "out", Path(class_map) if class_map else None)
+        default_map = Path(out).with_suffix(".classes.json")  # written for string classes
+        with claim_outputs({"out": Output(out, "vector"),
+                            "outclassmap": Output(class_map or default_map, "json")},
+                           {"in": self.get("in"), "vec": self.get("vec")}):
+            result = sample_polygons(
+                self.get("in"), self.get("vec"), self.get("field"), strategy=strategy,
+                counts=counts, mode=self.get("mode"), seed=self.get("seed"),
+                nodata=self.get("nodata"), quiet=self.quiet,
+            )
+            result.write(out, "out", Path(class_map) if class_map else None)
         return result

@@ -30,7 +30,7 @@ from terrapatch.serve.journal import BlockStatus
 from terrapatch.serve.pipeline import run_pipeline
 from terrapatch.serve.runner import ServeStats, TileRunner
 from terrapatch.serve.sinks import BlockStore
-from terrapatch.writer import convert_pixels
+from terrapatch.writer import convert_pixels, count_unfit
 
 __all__ = [
     "BlockResult",
@@ -43,14 +43,17 @@ __all__ = [
 ]
 
 #: What :func:`serve_block` returns: the pixels of each tile of its block (``(bands,
-#: rows, cols)`` in the output pixel type, None for a tile skipped for nodata), and the
-#: seconds spent reading and in the model.
-BlockResult = tuple[list[np.ndarray | None], float, float]
+#: rows, cols)`` in the output pixel type, None for a tile skipped for nodata), the
+#: seconds spent reading and in the model, and the pixel values clamped into the type.
+BlockResult = tuple[list[np.ndarray | None], float, float, int]
 
 
 def _compute(runner: TileRunner, tiles: Sequence[Tile], dtype: np.dtype, rounding: bool
-             ) -> tuple[list[np.ndarray | None], ServeStats]:
-    """Compute tiles in a worker (reader thread ahead of the model); pixels in ``dtype``."""
+             ) -> tuple[list[np.ndarray | None], ServeStats, int]:
+    """Compute tiles in a worker (reader thread ahead of the model); pixels in ``dtype``.
+
+    Also returns how many pixel values did not fit ``dtype`` and were clamped.
+    """
     if runner.model is None:
         raise ModelError("serve_block: the tile runner has no model path to open")
     engine = cached_engine(runner.model)
@@ -58,6 +61,7 @@ def _compute(runner: TileRunner, tiles: Sequence[Tile], dtype: np.dtype, roundin
     stats = ServeStats()
     pixels: list[np.ndarray | None] = []
     local: dict[str, Any] = {}
+    clamped = [0]
 
     def read(tile: Tile) -> dict[str, np.ndarray] | None:
         start = time.perf_counter()
@@ -71,6 +75,8 @@ def _compute(runner: TileRunner, tiles: Sequence[Tile], dtype: np.dtype, roundin
         return None if feed is None else runner.infer(engine, tile, feed, stats)
 
     def keep(tile: Tile, values: np.ndarray | None) -> None:
+        if values is not None:
+            clamped[0] += count_unfit(values, dtype, rounding)
         pixels.append(None if values is None else np.ascontiguousarray(
             convert_pixels(values, dtype, rounding).transpose(2, 0, 1)))
 
@@ -79,7 +85,7 @@ def _compute(runner: TileRunner, tiles: Sequence[Tile], dtype: np.dtype, roundin
             checkin_readers(local["key"], local.pop("readers"))
 
     run_pipeline(tiles, read, infer, keep, close, prefetch=2)
-    return pixels, stats
+    return pixels, stats, clamped[0]
 
 
 def serve_block(runner: TileRunner, tiles: Sequence[Tile], pixel_type: str,
@@ -100,20 +106,21 @@ def serve_block(runner: TileRunner, tiles: Sequence[Tile], pixel_type: str,
     Returns
     -------
     BlockResult
-        Pixels per tile, read seconds, model seconds.
+        Pixels per tile, read seconds, model seconds, pixel values clamped.
     """
-    pixels, stats = _compute(runner, tiles, np.dtype(pixel_type), rounding)
-    return pixels, stats.read, stats.compute
+    pixels, stats, clamped = _compute(runner, tiles, np.dtype(pixel_type), rounding)
+    return pixels, stats.read, stats.compute, clamped
 
 
 def write_block(runner: TileRunner, block: Block, store: BlockStore,
-                rounding: bool = False) -> BlockStatus:
+                rounding: bool = False) -> tuple[BlockStatus, int]:
     """Compute a block and write its file into the pending folder (the block sink's task).
 
-    Returns only the block's status: its file name, size and timings.
+    Returns only the block's status (its file name, size and timings) and the number of
+    pixel values clamped into the output type.
     """
-    pixels, stats = _compute(runner, block.tiles, np.dtype(store.dtype), rounding)
-    return store.write(block, pixels, (stats.read, stats.compute))
+    pixels, stats, clamped = _compute(runner, block.tiles, np.dtype(store.dtype), rounding)
+    return store.write(block, pixels, (stats.read, stats.compute)), clamped
 
 
 def movable_runner(runner: TileRunner, model_path: str | None) -> TileRunner:
@@ -184,10 +191,14 @@ def check_workers_can_write(client: Any, folder: Path) -> list[str]:
 
 
 def run_blocks(client: Any, runner: TileRunner, store: BlockStore, blocks: Sequence[Block],
-               rounding: bool, on_status: Callable[[BlockStatus], None], quiet: bool) -> None:
-    """Run every block as a :func:`write_block` task; hand each status over in order."""
+               rounding: bool, on_status: Callable[[BlockStatus, int], None],
+               quiet: bool) -> None:
+    """Run every block as a :func:`write_block` task; hand each status over in order.
+
+    ``on_status`` gets the block's status and its count of clamped pixel values.
+    """
     tasks = [(runner, block, store, rounding) for block in blocks]
-    cluster.run_ordered(client, write_block, tasks, lambda _, status: on_status(status),
+    cluster.run_ordered(client, write_block, tasks, lambda _, result: on_status(*result),
                         "TensorflowModelServe", quiet, weights=[len(b.tiles) for b in blocks],
                         unit="tile")
 

@@ -37,7 +37,7 @@ from terrapatch.serve.sinks import (
     write_vrt,
 )
 from terrapatch.serve.tilecopy import copy_tiles
-from terrapatch.writer import MapFormat, PendingOutput, convert_pixels
+from terrapatch.writer import MapFormat, PendingOutput, convert_pixels, count_unfit
 
 __all__ = ["Execution"]
 
@@ -65,6 +65,8 @@ class Execution:
         self.resumed = 0
         self.assemble_seconds = 0.0
         self.map_file: Path | None = None
+        #: Pixel values outside the output type's range, clamped (computed by this run).
+        self.clamped = 0
 
     # ------------------------------------------------------------------ local
 
@@ -90,6 +92,8 @@ class Execution:
 
             def write(tile: Tile, values: np.ndarray | None) -> None:
                 t0 = time.perf_counter()
+                if values is not None:  # one writer thread: no lock needed
+                    self.clamped += count_unfit(values, dtype, self.rounding)
                 pixels = None if values is None else \
                     convert_pixels(values, dtype, self.rounding).transpose(2, 0, 1)
                 put(tile, pixels)
@@ -179,7 +183,8 @@ class Execution:
             logger.info("serving on %s: %s", client.scheduler.address, where)
             record = self._record(journal)
 
-            def on_status(status: BlockStatus) -> None:
+            def on_status(status: BlockStatus, clamped: int) -> None:
+                self.clamped += clamped
                 self.stats.add("read", status.read_seconds)
                 self.stats.add("compute", status.compute_seconds)
                 self.stats.add("write", status.write_seconds)
@@ -199,7 +204,8 @@ class Execution:
         with self._writer() as writer:
 
             def on_result(block: Block, result: distributed.BlockResult) -> None:
-                pixels, read_seconds, compute_seconds = result
+                pixels, read_seconds, compute_seconds, clamped = result
+                self.clamped += clamped
                 self.stats.add("read", read_seconds)
                 self.stats.add("compute", compute_seconds)
                 t0 = time.perf_counter()

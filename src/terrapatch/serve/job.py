@@ -42,6 +42,7 @@ from terrapatch.geometry import (
     align_size,
     check_factor,
     crop_box,
+    misalignments,
     plan_tiles,
 )
 from terrapatch.progress import logger
@@ -60,9 +61,10 @@ from terrapatch.serve.probe import (
 from terrapatch.serve.runner import ServeStats, TileRunner
 from terrapatch.writer import (
     MapFormat,
+    Output,
     PendingOutput,
     cannot_write,
-    check_writable,
+    check_outputs,
     convert_pixels,
     is_write_failure,
     pixel_dtype,
@@ -141,6 +143,10 @@ class ServeSummary:
         Blocks of the block sink, and how many of them an earlier run had finished.
     assemble_seconds
         Time spent assembling blocks and converting to COG, after the tiles.
+    clamped
+        Pixel values (band by band) outside the range of an integer pixel type, clamped
+        to it (NaN written as 0 included), in the tiles this run computed (a resumed run
+        does not count the blocks of the earlier one).
     """
 
     path: Path
@@ -168,6 +174,7 @@ class ServeSummary:
     blocks: int = 0
     resumed_blocks: int = 0
     assemble_seconds: float = 0.0
+    clamped: int = 0
 
     @property
     def pixels_per_second(self) -> float:
@@ -313,7 +320,7 @@ class ServeJob:
             out, output_format, dict(creation_options or {}), overview_resampling,
             {int(k): tuple(v) for k, v in colormap.items()} if colormap else None,
             list(class_names) if class_names else None)
-        self._check_not_an_input(out)
+        self.check_outputs(out, output_format, creation_options)
         if (fmt.colormap or fmt.class_names) and self.runner.bands != 1:
             raise InputError(f"colormap: class colours and names need a one-band map; this "
                              f"one has {self.runner.bands} bands (serve the class output only)")
@@ -351,6 +358,10 @@ class ServeJob:
                 raise cannot_write(exc, out, "out") from exc
             raise
         seconds = time.perf_counter() - start
+        if run.clamped:
+            logger.warning("out: %d pixel value(s) outside the range of %s were clamped to it "
+                           "(OTB's conversion); choose a wider pixel type to keep them",
+                           run.clamped, dtype.name)
         logger.info(
             "wrote %s: %d×%d px, %d band(s) %s, %s, %d tile(s) (%d skipped), %.1f s, %.0f px/s "
             "(%s)", os.fspath(out), bw, bh, self.runner.bands, dtype.name, fmt.driver,
@@ -367,18 +378,27 @@ class ServeJob:
             write_seconds=stats.write, driver=fmt.driver,
             sink="blocks" if blocks_sink else "ordered", blocks=run.n_blocks,
             resumed_blocks=run.resumed, assemble_seconds=run.assemble_seconds,
+            clamped=run.clamped,
         )
 
-    def _check_not_an_input(self, out: str | os.PathLike[str]) -> None:
-        """Refuse an output path that is one of the run's inputs (it would be replaced)."""
-        target = os.path.realpath(out)
-        for source in self.sources:
-            for path in source.paths:
-                if not is_remote(path) and os.path.realpath(path) == target:
-                    raise InputError(f"out: {os.fspath(out)!r} is also {source.name}.il; "
-                                     "the map would replace its input")
-        if self.model_path is not None and os.path.realpath(self.model_path) == target:
-            raise InputError(f"out: {os.fspath(out)!r} is the model (model.dir)")
+    def check_outputs(self, out: str | os.PathLike[str], output_format: str | None = None,
+                      creation_options: Mapping[str, str] | None = None) -> None:
+        """Refuse a map ``out`` that would replace an input, or is not written as named.
+
+        See :func:`terrapatch.writer.check_outputs`.
+        """
+        check_map_output(out, self.sources, self.model_path, output_format, creation_options)
+
+
+def check_map_output(out: str | os.PathLike[str], sources: Sequence[Any], model: Any,
+                     output_format: str | None = None,
+                     creation_options: Mapping[str, str] | None = None) -> None:
+    """:func:`terrapatch.writer.check_outputs` for a map: the sources and model are inputs."""
+    inputs: dict[str, Any] = {f"{s.name}.il": s.paths for s in sources if isinstance(s, Source)}
+    if isinstance(model, str | os.PathLike):
+        inputs["model.dir"] = model
+    check_outputs({"out": Output(out, "map", output_format, dict(creation_options or {}))},
+                  inputs)
 
 
 def _pb_default_tile(sources: Sequence[Source], geometry: ModelGeometry) -> int:
@@ -464,6 +484,8 @@ def prepare_serve(
         logger.info("geometry derived from the model: %s", geometry.describe(names))
 
     layout = Layout(tuple(grids), geometry.fields, factor=spcscale, efield=geometry.efield)
+    for line in misalignments(grids):
+        logger.warning("%s", line)
     out_grid = layout.output_grid
     channels = check_geometry(engine, sources, layout, input_names, outputs, fullyconv,
                                user_inputs, geometry)
@@ -642,11 +664,11 @@ def serve(
         an unreachable scheduler, a worker missing a file, or a task failing on the
         cluster after its retries; no file is left under ``out``.
     """
-    check_writable(out, "out")
     dtype = pixel_dtype(pixel_type, parameter="out (pixel type)")
     if block_tiles is not None and int(block_tiles) < 1:
         raise InputError(f"block_tiles: {block_tiles!r} must be ≥ 1")
-    MapFormat.for_path(out, output_format)  # a wrong extension fails before the model loads
+    # Before the model loads: no input replaced, the right extension, valid options.
+    check_map_output(out, list(sources), model, output_format, creation_options)
 
     def prepare_and_run(client: Any) -> ServeSummary:
         job = prepare_serve(sources, model, output_names=output_names, fullyconv=fullyconv,
