@@ -55,6 +55,9 @@ import rasterio
 from affine import Affine
 from rasterio.windows import Window
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_serve import _pattern  # the same reflectance-like texture
 from terrapatch.extraction import extract_patches, reading, spool
 from terrapatch.geometry import Layout, extraction_factor
 from terrapatch.patches import read_patches, write_patches_image
@@ -182,18 +185,6 @@ def original_figure(work: Path, size: int, n_samples: int, repeats: int = 3) -> 
 # ------------------------------------------------------------------ inputs
 
 
-def _pattern(bands: int, seed: int, size: int = 1024) -> np.ndarray:
-    """A ``size``² block of reflectance-like texture (smooth fields + noise), uint16, no 0."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size] / size
-    out = np.empty((bands, size, size), dtype=np.uint16)
-    for b in range(bands):
-        fx, fy, phase = rng.uniform(2, 9, 3)
-        field = 2500 + 1500 * np.sin(2 * np.pi * (fx * xx + phase)) * np.cos(2 * np.pi * fy * yy)
-        out[b] = np.clip(field + rng.normal(0, 150, field.shape), 1, 10000).astype(np.uint16)
-    return out
-
-
 def write_tile_raster(path: Path, size: int, bands: int, spacing: float, seed: int) -> Path:
     """A ``size``² uint16 raster (DEFLATE, 256² tiles), written in 1024-row strips.
 
@@ -202,7 +193,7 @@ def write_tile_raster(path: Path, size: int, bands: int, spacing: float, seed: i
     """
     if path.exists():
         return path
-    block = _pattern(bands, seed)
+    block = _pattern(bands, seed, low=1)  # no 0: nodata 0 rejects nothing
     profile = geotiff_profile(size, size, bands, np.dtype("uint16"), crs=CRS,
                               transform=Affine(spacing, 0, X0, 0, -spacing, Y0),
                               creation_options={"NUM_THREADS": "ALL_CPUS"})

@@ -49,15 +49,15 @@ CRS = "EPSG:32631"
 BLOCK = 1024
 
 
-def _pattern(bands: int, seed: int) -> np.ndarray:
-    """A 1024² block of reflectance-like texture (smooth fields + noise), uint16."""
+def _pattern(bands: int, seed: int, low: int = 0) -> np.ndarray:
+    """A 1024² block of reflectance-like texture (smooth fields + noise), uint16 ≥ ``low``."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:BLOCK, 0:BLOCK] / BLOCK
     out = np.empty((bands, BLOCK, BLOCK), dtype=np.uint16)
     for b in range(bands):
         fx, fy, phase = rng.uniform(2, 9, 3)
         field = 2500 + 1500 * np.sin(2 * np.pi * (fx * xx + phase)) * np.cos(2 * np.pi * fy * yy)
-        out[b] = np.clip(field + rng.normal(0, 150, field.shape), 0, 10000).astype(np.uint16)
+        out[b] = np.clip(field + rng.normal(0, 150, field.shape), low, 10000).astype(np.uint16)
     return out
 
 
