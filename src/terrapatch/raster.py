@@ -434,10 +434,19 @@ class SourceReader:
             self.close()
             raise
 
-    def read(self, window: Window) -> np.ndarray:
-        """Read a window (inside the raster) of every band, stacked in list order."""
+    def read(self, window: Window, interleave: str = "band") -> np.ndarray:
+        """Read a window (inside the raster) of every band, stacked in list order.
+
+        ``interleave="band"`` gives ``(bands, rows, cols)``; ``"pixel"`` gives ``(rows,
+        cols, bands)``, the layout models take, filled by GDAL directly (no transposed
+        copy afterwards).
+        """
         rows, cols = int(window.height), int(window.width)
-        out = np.empty((self.bands, rows, cols), dtype=self.dtype)
+        if interleave == "pixel":
+            pixels = np.empty((rows, cols, self.bands), dtype=self.dtype)
+            out = pixels.transpose(2, 0, 1)  # a strided view GDAL fills band by band
+        else:
+            pixels = out = np.empty((self.bands, rows, cols), dtype=self.dtype)
         b = 0
         for path, ds in zip(self.source.paths, self._datasets, strict=True):
             try:
@@ -448,7 +457,7 @@ class SourceReader:
                     f"{self.source.describe(path)} ({_one_line(exc)})"
                 ) from None
             b += ds.count
-        return out
+        return pixels
 
     def close(self) -> None:
         """Close the underlying datasets."""

@@ -120,15 +120,16 @@ class TileRunner:
         feed: dict[str, np.ndarray] = {}
         for i, (source, reader, region) in enumerate(zip(self.sources, readers, regions,
                                                          strict=True)):
-            data = reader.read(region)  # (bands, rows, cols)
             dtype = self.input_dtypes[i]
             if self.fullyconv:
-                if all_nodata(data, source.nodata):
+                pixels = reader.read(region, interleave="pixel")  # (rows, cols, bands)
+                if all_nodata(pixels, source.nodata):
                     return None
-                tensor = np.empty((1, data.shape[1], data.shape[2], data.shape[0]), dtype=dtype)
-                tensor[0] = data.transpose(1, 2, 0)
-                feed[self.input_names[i]] = tensor
+                # One contiguous cast (none when the types match), then a batch axis (a view).
+                tensor = pixels if pixels.dtype == dtype else pixels.astype(dtype)
+                feed[self.input_names[i]] = tensor[None]
                 continue
+            data = reader.read(region)  # (bands, rows, cols)
             cols, rows = self.layout.tile_starts(col, row, width, height, i)
             rx, ry = self.layout.fields[i]
             covered = (np.all(np.diff(cols) <= rx) and np.all(np.diff(rows) <= ry))
