@@ -474,3 +474,18 @@ def test_journal_format_is_inspectable(data, tmp_path):
         "inputs", "model", "parameters", "version"}
     done = [json.loads(x)["block"] for x in lines[1:]]
     assert done == list(range(len(done))) and 3 <= len(done) <= 5  # the writer may lag
+
+
+def test_pixel_interleaved_reads_equal_band_reads_for_stacked_files(data, tmp_path):
+    """What FCN tiles are fed: (rows, cols, bands) straight from GDAL, same values."""
+    from rasterio.windows import Window
+
+    extra = write_raster(tmp_path / "extra.tif", read(data["s10"])[:2] + 7,
+                         Affine(10.0, 0.0, L, 0.0, -10.0, T), CRS)
+    source = Source([data["s10"], extra], 8, name="source2")
+    window = Window(13, 5, 97, 61)
+    with source.open() as reader:
+        bands = reader.read(window)
+        pixels = reader.read(window, interleave="pixel")
+    assert pixels.shape == (61, 97, 6) and pixels.flags.c_contiguous
+    np.testing.assert_array_equal(pixels, bands.transpose(1, 2, 0))
