@@ -60,9 +60,12 @@ def client_for(scheduler: Any = None, workers: int | None = None) -> Iterator[An
     if scheduler:
         try:
             client = distributed.Client(str(scheduler), timeout=CONNECT_TIMEOUT)
-        except (OSError, TimeoutError) as exc:
+        except (OSError, TimeoutError, AssertionError, RuntimeError) as exc:
+            # distributed sometimes fails a connection that times out with an internal
+            # AssertionError of its event-loop runner rather than a TimeoutError.
+            reason = str(exc) or type(exc).__name__
             raise InputError(
-                f"dask-scheduler: cannot reach the scheduler at {scheduler!r} ({exc})"
+                f"dask-scheduler: cannot reach the scheduler at {scheduler!r} ({reason})"
             ) from None
         except ValueError as exc:
             raise InputError(
