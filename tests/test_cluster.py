@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import re
+import socket
+import threading
+
 import numpy as np
 import pytest
 
@@ -72,6 +77,54 @@ def test_unreachable_scheduler(monkeypatch):
                                           r"'tcp://127.0.0.1:9'"):
         with cluster.client_for("tcp://127.0.0.1:9"):
             pass
+
+
+def test_unreachable_scheduler_says_why_without_building_a_client(monkeypatch):
+    monkeypatch.setattr(cluster, "CONNECT_TIMEOUT", 1)
+    class NoClient:
+        def __init__(self, *args, **kwargs):
+            raise AssertionError("a Client was built")
+
+    monkeypatch.setattr(distributed, "Client", NoClient)  # the TCP probe alone must answer
+    with pytest.raises(InputError, match=r"cannot reach the scheduler at 'tcp://127.0.0.1:9' "
+                                          r"\(Connection refused\)"):
+        with cluster.client_for("tcp://127.0.0.1:9"):
+            pass
+
+
+def test_a_port_that_hangs_up_is_not_a_scheduler_and_later_clients_still_connect(client,
+                                                                                 monkeypatch):
+    """A service that accepts and closes fails the Client; the next Client must not hang.
+
+    distributed's half-built Client, collected inside a later Client's event-loop
+    start, deadlocked a CI run: client_for collects it at once.
+    """
+    monkeypatch.setattr(cluster, "CONNECT_TIMEOUT", 1)
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def hang_up():
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                listener.accept()[0].close()
+
+    thread = threading.Thread(target=hang_up, daemon=True)
+    thread.start()
+    address = f"tcp://127.0.0.1:{listener.getsockname()[1]}"
+    try:
+        for _ in range(3):
+            with pytest.raises(InputError, match=r"cannot reach the scheduler at "
+                                                  + re.escape(repr(address))):
+                with cluster.client_for(address):
+                    pass
+    finally:
+        stop.set()
+        thread.join()
+        listener.close()
+    monkeypatch.setattr(cluster, "CONNECT_TIMEOUT", 30)
+    with cluster.client_for(client.scheduler.address) as other:
+        assert other.submit(abs, -3, pure=False).result(timeout=60) == 3
 
 
 def corrupt_copy(src, dst):

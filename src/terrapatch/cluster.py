@@ -11,7 +11,9 @@ become one-line input errors.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
+import socket
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -58,20 +60,7 @@ def client_for(scheduler: Any = None, workers: int | None = None) -> Iterator[An
         yield scheduler
         return
     if scheduler:
-        try:
-            client = distributed.Client(str(scheduler), timeout=CONNECT_TIMEOUT)
-        except (OSError, TimeoutError, AssertionError, RuntimeError) as exc:
-            # distributed sometimes fails a connection that times out with an internal
-            # AssertionError of its event-loop runner rather than a TimeoutError.
-            reason = str(exc) or type(exc).__name__
-            raise InputError(
-                f"dask-scheduler: cannot reach the scheduler at {scheduler!r} ({reason})"
-            ) from None
-        except ValueError as exc:
-            raise InputError(
-                f"dask-scheduler: {scheduler!r} is not a scheduler address ({exc}); "
-                "expected e.g. tcp://host:8786"
-            ) from None
+        client = _connect(distributed, str(scheduler))
         try:
             yield client
         finally:
@@ -91,6 +80,46 @@ def client_for(scheduler: Any = None, workers: int | None = None) -> Iterator[An
         logger.debug("local Dask cluster of %d worker process(es) at %s", n,
                      cluster.scheduler_address)
         yield client
+
+
+def _connect(distributed: Any, address: str) -> Any:
+    """A ``Client`` of the scheduler at ``address``, or one input error naming it."""
+    _probe_scheduler(distributed, address)
+    failure = None
+    try:
+        return distributed.Client(address, timeout=CONNECT_TIMEOUT)
+    except (OSError, TimeoutError, AssertionError, RuntimeError) as exc:
+        # distributed sometimes fails a connection that times out with an internal
+        # AssertionError of its event-loop runner rather than a TimeoutError.
+        failure = InputError(f"dask-scheduler: cannot reach the scheduler at {address!r} "
+                             f"({str(exc) or type(exc).__name__})")
+    except ValueError as exc:
+        failure = InputError(f"dask-scheduler: {address!r} is not a scheduler address ({exc}); "
+                             "expected e.g. tcp://host:8786")
+    # The half-built Client is garbage now. Left to a later collection, its __del__
+    # may run inside the next Client's event-loop start and deadlock on distributed's
+    # loop lock (seen in CI): collect it here, outside distributed.
+    gc.collect()
+    raise failure
+
+
+def _probe_scheduler(distributed: Any, address: str) -> None:
+    """Fail fast, without building a ``Client``, when nothing listens at a TCP address."""
+    try:
+        scheme, location = distributed.comm.parse_address(address)
+        host, port = distributed.comm.parse_host_port(location)
+    except (ValueError, TypeError):
+        return  # malformed: the Client names the problem
+    if scheme not in ("tcp", "tls"):
+        return
+    try:
+        with socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        raise InputError(
+            f"dask-scheduler: cannot reach the scheduler at {address!r} ({reason})"
+        ) from None
 
 
 def _cores() -> int:
