@@ -122,6 +122,8 @@ class Engine(abc.ABC):
     """
 
     kind: ClassVar[str] = "model"
+    #: Layout of image tensors when the shapes do not tell: ``"nhwc"`` (channels last).
+    layout: ClassVar[str] = "nhwc"
 
     def __init__(self, path: str, inputs: Mapping[str, TensorInfo],
                  outputs: Mapping[str, TensorInfo], aliases: Mapping[str, str] | None = None,

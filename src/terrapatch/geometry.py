@@ -48,6 +48,9 @@ from terrapatch.errors import CRSMismatchError, GeometryError, InputError
 #: Tolerance, in pixels, under which a continuous index is snapped to the nearest integer
 #: before taking its floor. Guards exact-boundary cases against float64 round-off.
 SNAP_TOLERANCE = 1e-6
+#: Output coverage: ``"inset"`` (OTBTF's: every receptive field inside every source) or
+#: ``"full"`` (every pixel of source 1's extent; windows padded past the edges).
+COVERAGES = ("inset", "full")
 
 
 def floor_index(values: np.ndarray | float) -> np.ndarray:
@@ -235,6 +238,7 @@ class Layout:
     factor: int = 1
     efield: tuple[int, int] = (1, 1)
     factor_key: str = field(default="output.spcscale", compare=False)
+    coverage: str = "inset"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "grids", tuple(self.grids))
@@ -257,6 +261,9 @@ class Layout:
         ex, ey = self.efield
         if ex < 1 or ey < 1:
             raise InputError(f"output.efield: {ex}×{ey} must be ≥ 1")
+        if self.coverage not in COVERAGES:
+            raise InputError(f"output.coverage: {self.coverage!r} is not one of "
+                             f"{', '.join(COVERAGES)}")
         check_same_crs(self.grids)
 
     # ------------------------------------------------------------------ per axis
@@ -345,11 +352,23 @@ class Layout:
 
     # ------------------------------------------------------------------ serving
 
-    def _valid_cells(self, dim: int) -> tuple[int, int]:
-        """First cell and number of cells of the output along ``dim`` (a multiple of e)."""
+    def _valid_cells(self, dim: int) -> tuple[int, int, int]:
+        """First cell, number of output cells and of computed cells along ``dim``.
+
+        Inset coverage: the cells whose windows lie inside every source, a multiple
+        of e (both counts are equal). Full coverage: every cell inside source 1; the
+        computed cells round that up to a multiple of e (windows read past the
+        edges are padded).
+        """
         f = self.factor
         e = self.efield[dim]
         ref = self.grids[0].axis(dim)
+        if self.coverage == "full":
+            count = (ref.size - self.offset[dim]) // f
+            if count < 1:
+                raise GeometryError(f"{self.grids[0].name}: smaller than one output pixel of "
+                                    f"{f} source pixels")
+            return 0, count, -(-count // e) * e
         lo = (-self.fields[0][dim] - self.offset[dim]) // f - e - 2
         hi = (ref.size - self.offset[dim]) // f + 2
         cells = np.arange(lo, hi + 1, dtype=np.int64)
@@ -369,26 +388,43 @@ class Layout:
         valid = cells[ok]
         first, last = int(valid[0]), int(valid[-1])
         n_blocks = (last - first) // e + 1
-        return first, n_blocks * e
+        return first, n_blocks * e, n_blocks * e
+
+    @cached_property
+    def _cells(self) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+        return self._valid_cells(0), self._valid_cells(1)
 
     @cached_property
     def output_grid(self) -> OutputGrid:
-        """The output grid: cells of G whose windows lie fully inside every source."""
-        k0, nx = self._valid_cells(0)
-        l0, ny = self._valid_cells(1)
+        """The output grid: the cells of G served (see :attr:`coverage`).
+
+        Inset coverage: cells whose windows lie inside every source; full coverage:
+        every cell of G inside source 1.
+        """
+        (k0, nx, _), (l0, ny, _) = self._cells
         g = self.cell_transform() @ Affine.translation(k0, l0)
         ref = self.grids[0]
         return OutputGrid(Grid(g, nx, ny, ref.crs, "output"), (k0, l0))
 
+    @property
+    def computed_size(self) -> tuple[int, int]:
+        """Output pixels that tiles may compute: ``(width, height)``.
+
+        The grid, rounded up to the expression field under full coverage (the extra
+        pixels are computed, never written).
+        """
+        (_, _, cx), (_, _, cy) = self._cells
+        return cx, cy
+
     def check_tile(self, col_off: int, row_off: int, width: int, height: int) -> None:
-        """Raise unless the tile is inside the output grid and aligned on the expression field."""
-        out = self.output_grid
+        """Raise unless the tile is computable and aligned on the expression field."""
+        cw, ch = self.computed_size
         ex, ey = self.efield
         if (col_off < 0 or row_off < 0 or width < 1 or height < 1
-                or col_off + width > out.width or row_off + height > out.height):
+                or col_off + width > cw or row_off + height > ch):
             raise GeometryError(
                 f"tile ({col_off}, {row_off}, {width}, {height}) is outside the output grid "
-                f"({out.width}×{out.height})"
+                f"({cw}×{ch})"
             )
         if col_off % ex or row_off % ey or width % ex or height % ey:
             raise GeometryError(
@@ -579,17 +615,22 @@ class Tile:
 
 
 def plan_tiles(width: int, height: int, box: Box, tile_size: tuple[int, int],
-               efield: tuple[int, int]) -> tuple[Tile, ...]:
+               efield: tuple[int, int], margin: tuple[int, int] = (0, 0),
+               computed: tuple[int, int] | None = None) -> tuple[Tile, ...]:
     """Cut ``box`` of a ``width × height`` output grid into tiles aligned on ``efield``.
 
     The tile grid is anchored at the box origin (rounded down to the expression
     field), so tiles match the blocks of the written file; each tile's window is its
-    target enlarged to the expression field and cropped to the grid. Tiles are in
-    row-major order.
+    target enlarged by ``margin`` output pixels on every side (the halo of a
+    same-padded model, computed and cropped away), then to the expression field,
+    and cropped to the computable extent ``computed`` (default: the grid). Tiles are
+    in row-major order.
     """
     bx, by, bw, bh = box
     tx, ty = tile_size
     ex, ey = efield
+    mx, my = margin
+    cw, ch = computed or (width, height)
     ax, ay = bx - bx % ex, by - by % ey
     tiles: list[Tile] = []
     for y0 in range(ay, by + bh, ty):
@@ -598,9 +639,10 @@ def plan_tiles(width: int, height: int, box: Box, tile_size: tuple[int, int],
             tcx1, tcy1 = min(x0 + tx, bx + bw), min(y0 + ty, by + bh)
             if tcx1 <= tcx0 or tcy1 <= tcy0:
                 continue
-            wx0, wy0 = tcx0 - tcx0 % ex, tcy0 - tcy0 % ey
-            wx1 = min(width, -(-tcx1 // ex) * ex)
-            wy1 = min(height, -(-tcy1 // ey) * ey)
+            wx0, wy0 = max(0, tcx0 - mx), max(0, tcy0 - my)
+            wx0, wy0 = wx0 - wx0 % ex, wy0 - wy0 % ey
+            wx1 = min(cw, -(-(tcx1 + mx) // ex) * ex)
+            wy1 = min(ch, -(-(tcy1 + my) // ey) * ey)
             tiles.append(Tile(len(tiles), (wx0, wy0, wx1 - wx0, wy1 - wy0),
                               (tcx0, tcy0, tcx1 - tcx0, tcy1 - tcy0)))
     return tuple(tiles)

@@ -434,13 +434,20 @@ class SourceReader:
             self.close()
             raise
 
-    def read(self, window: Window, interleave: str = "band") -> np.ndarray:
-        """Read a window (inside the raster) of every band, stacked in list order.
+    def read(self, window: Window, interleave: str = "band",
+             pad: str | float | None = None) -> np.ndarray:
+        """Read a window of every band, stacked in list order.
 
         ``interleave="band"`` gives ``(bands, rows, cols)``; ``"pixel"`` gives ``(rows,
         cols, bands)``, the layout models take, filled by GDAL directly (no transposed
-        copy afterwards).
+        copy afterwards). The window must lie inside the raster unless ``pad`` says
+        how to fill what lies outside: ``"reflect"`` (mirrored about the edge pixels)
+        or a constant value.
         """
+        if pad is not None:
+            inner = _inside(window, self.source.grid.width, self.source.grid.height)
+            if inner is not None:
+                return self._read_padded(window, inner, interleave, pad)
         rows, cols = int(window.height), int(window.width)
         if interleave == "pixel":
             pixels = np.empty((rows, cols, self.bands), dtype=self.dtype)
@@ -459,6 +466,34 @@ class SourceReader:
             b += ds.count
         return pixels
 
+    def _read_padded(self, window: Window, inner: Window, interleave: str,
+                     pad: str | float) -> np.ndarray:
+        """Read ``inner`` (the part of ``window`` inside the raster) and pad it to ``window``."""
+        c0, r0 = int(window.col_off), int(window.row_off)
+        ic, ir = int(inner.col_off), int(inner.row_off)
+        before = (ir - r0, ic - c0)
+        after = (r0 + int(window.height) - ir - int(inner.height),
+                 c0 + int(window.width) - ic - int(inner.width))
+        if int(inner.width) == 0:
+            if pad == "reflect":
+                raise GeometryError(f"{self.source.name}.il: window {window!r} lies outside "
+                                    "the raster: nothing to reflect")
+            shape = ((int(window.height), int(window.width), self.bands)
+                     if interleave == "pixel" else
+                     (self.bands, int(window.height), int(window.width)))
+            return np.full(shape, pad, dtype=self.dtype)
+        data = self.read(inner, interleave)
+        widths = [(0, 0)] * 3
+        spatial = (0, 1) if interleave == "pixel" else (1, 2)
+        for axis, lo, hi in zip(spatial, before, after, strict=True):
+            widths[axis] = (lo, hi)
+        if pad == "reflect":
+            if min(data.shape[a] for a in spatial) > 1:
+                return np.pad(data, widths, mode="reflect")
+            return np.pad(data, widths, mode="edge")
+        return np.pad(data, widths, mode="constant",
+                      constant_values=np.asarray(pad).astype(data.dtype))
+
     def close(self) -> None:
         """Close the underlying datasets."""
         for ds in self._datasets:
@@ -475,6 +510,21 @@ class SourceReader:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _inside(window: Window, width: int, height: int) -> Window | None:
+    """The part of ``window`` inside a ``width × height`` raster (None: all of it).
+
+    A window that misses the raster gives an empty window (width and height 0).
+    """
+    c0, r0 = int(window.col_off), int(window.row_off)
+    c1, r1 = c0 + int(window.width), r0 + int(window.height)
+    if c0 >= 0 and r0 >= 0 and c1 <= width and r1 <= height:
+        return None
+    ic0, ir0, ic1, ir1 = max(c0, 0), max(r0, 0), min(c1, width), min(r1, height)
+    if ic1 <= ic0 or ir1 <= ir0:
+        return Window(0, 0, 0, 0)
+    return Window(ic0, ir0, ic1 - ic0, ir1 - ir0)
 
 
 def patches_from_region(

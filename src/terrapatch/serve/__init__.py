@@ -11,8 +11,10 @@ The package has one module per job (docs/serve.md shows the flow):
 
 - :mod:`~terrapatch.serve.binding`: which model input each source feeds, which
   outputs are served;
+- :mod:`~terrapatch.serve.layouts`: channels-last or channels-first model tensors;
 - :mod:`~terrapatch.serve.probe`: receptive fields and expression field derived
-  from the model, and checked;
+  from the model, and checked; the halo of same-padded models;
+- :mod:`~terrapatch.serve.transforms`: input normalisation, output argmax;
 - :mod:`~terrapatch.serve.runner`: one tile (read → infer → assemble);
 - :mod:`~terrapatch.serve.pipeline`: local threads (read ahead, write behind);
 - :mod:`~terrapatch.serve.caches`: per-worker model and reader caches;
@@ -46,8 +48,10 @@ from terrapatch.serve.job import (
     serve,
 )
 from terrapatch.serve.journal import BlockStatus
-from terrapatch.serve.probe import ModelGeometry, derive_geometry
+from terrapatch.serve.layouts import ChannelsFirstEngine, detect_layout
+from terrapatch.serve.probe import ModelGeometry, derive_geometry, measure_halo
 from terrapatch.serve.runner import ServeStats, TileRunner
+from terrapatch.serve.transforms import Argmax, Normalization
 from terrapatch.writer import MapFormat
 
 __all__ = [
@@ -56,11 +60,14 @@ __all__ = [
     "DEFAULT_TILE_PB",
     "PB_BATCH_BYTES",
     "SINKS",
+    "Argmax",
     "Block",
     "BlockResult",
     "BlockStatus",
+    "ChannelsFirstEngine",
     "MapFormat",
     "ModelGeometry",
+    "Normalization",
     "ServeJob",
     "ServeStats",
     "ServeSummary",
@@ -68,6 +75,8 @@ __all__ = [
     "TileRunner",
     "cached_engine",
     "derive_geometry",
+    "detect_layout",
+    "measure_halo",
     "plan_blocks",
     "plan_tiles",
     "prepare_serve",

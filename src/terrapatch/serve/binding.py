@@ -2,8 +2,9 @@
 
 Sources name their model input (``placeholder``) or take the free inputs in
 alphabetical order; outputs are found by signature key or layer name. Every
-mismatch (unknown name, an input fed twice or never, a band count the model
-does not take) is an error naming the parameter and listing what the model offers.
+mismatch (unknown name, an input fed twice or never) is an error naming the
+parameter and listing what the model offers; band counts are checked with the
+tensor layout (:mod:`terrapatch.serve.layouts`).
 """
 
 from __future__ import annotations
@@ -53,18 +54,6 @@ def resolve_inputs(engine: Engine, sources: Sequence[Source],
             f"model.dir: model input(s) {unfed} are fed by no source and no "
             "model.userplaceholders entry"
         )
-    for s, name in zip(sources, names, strict=True):
-        shape = engine.inputs[name].shape
-        if shape is not None and len(shape) != 4:
-            raise ModelError(
-                f"{s.name}.placeholder: model input {engine.inputs[name].describe()} is not an "
-                "image batch [batch, rows, cols, bands]"
-            )
-        if shape is not None and shape[-1] is not None and shape[-1] != s.bands:
-            raise InputError(
-                f"{s.name}.il: {s.bands} band(s), but model input {name!r} expects "
-                f"{shape[-1]} channel(s)"
-            )
     return names
 
 

@@ -35,6 +35,7 @@ from terrapatch import cluster
 from terrapatch.engines import Engine, load_engine
 from terrapatch.errors import InputError, ModelError
 from terrapatch.geometry import (
+    COVERAGES,
     Box,
     Grid,
     Layout,
@@ -44,6 +45,7 @@ from terrapatch.geometry import (
     crop_box,
     misalignments,
     plan_tiles,
+    serving_strides,
 )
 from terrapatch.progress import logger
 from terrapatch.raster import Source, is_remote
@@ -51,14 +53,18 @@ from terrapatch.serve import distributed
 from terrapatch.serve.binding import resolve_inputs, resolve_outputs
 from terrapatch.serve.execution import Execution
 from terrapatch.serve.journal import fingerprint, hash_files
+from terrapatch.serve.layouts import detect_layout, with_layout
 from terrapatch.serve.probe import (
+    HALO_LIMIT,
     ModelGeometry,
     check_geometry,
     derive_geometry,
     efield_for_fields,
+    measure_halo,
     probe_tile,
 )
 from terrapatch.serve.runner import ServeStats, TileRunner
+from terrapatch.serve.transforms import Argmax, Normalization, check_normalizations
 from terrapatch.writer import (
     MapFormat,
     Output,
@@ -147,6 +153,13 @@ class ServeSummary:
         Pixel values (band by band) outside the range of an integer pixel type, clamped
         to it (NaN written as 0 included), in the tiles this run computed (a resumed run
         does not count the blocks of the earlier one).
+    margin
+        Output pixels by which tiles overlapped (the halo of a same-padded model).
+    coverage
+        ``inset`` (every receptive field inside every source) or ``full`` (source 1's
+        whole extent, windows padded past the edges).
+    model_layout
+        ``nhwc`` (channels last) or ``nchw`` (channels first) model tensors.
     """
 
     path: Path
@@ -175,6 +188,9 @@ class ServeSummary:
     resumed_blocks: int = 0
     assemble_seconds: float = 0.0
     clamped: int = 0
+    margin: tuple[int, int] = (0, 0)
+    coverage: str = "inset"
+    model_layout: str = "nhwc"
 
     @property
     def pixels_per_second(self) -> float:
@@ -199,6 +215,7 @@ class ServeJob:
     tile_size: tuple[int, int]
     tiles: tuple[Tile, ...]
     model_path: str | None = None
+    margin: tuple[int, int] = (0, 0)
 
     @property
     def output_grid(self) -> Grid:
@@ -294,7 +311,14 @@ class ServeJob:
             "spcscale": self.geometry.spcscale, "fullyconv": runner.fullyconv,
             "inputs": runner.input_names, "outputs": runner.output_names,
             "user_inputs": {k: np.asarray(v).tolist() for k, v in runner.user_inputs.items()},
-            "box": self.box, "tile_size": self.tile_size, **settings,
+            "box": self.box, "tile_size": self.tile_size, "margin": self.margin,
+            "coverage": self.layout.coverage, "pad": runner.pad,
+            "model_layout": runner.model_layout,
+            "normalizations": [None if c is None else [c[0].tolist(), c[1].tolist()]
+                               for c in runner.normalizations],
+            "argmax": None if runner.argmax is None else [runner.argmax.threshold,
+                                                          runner.argmax.below],
+            **settings,
         }
         model = hash_files(distributed.model_files(self.model_path))
         return {"inputs": fingerprint(inputs), "model": model,
@@ -378,7 +402,8 @@ class ServeJob:
             write_seconds=stats.write, driver=fmt.driver,
             sink="blocks" if blocks_sink else "ordered", blocks=run.n_blocks,
             resumed_blocks=run.resumed, assemble_seconds=run.assemble_seconds,
-            clamped=run.clamped,
+            clamped=run.clamped, margin=self.margin, coverage=self.layout.coverage,
+            model_layout=runner.model_layout,
         )
 
     def check_outputs(self, out: str | os.PathLike[str], output_format: str | None = None,
@@ -421,12 +446,21 @@ def prepare_serve(
     user_placeholders: Mapping[str, Any] | None = None,
     disable_tiling: bool = False,
     engine: Engine | None = None,
+    model_layout: str | None = None,
+    margin: int | Sequence[int] | None = None,
+    coverage: str | None = None,
+    padding: str | float = "reflect",
+    normalization: Sequence[Normalization | None] | None = None,
+    argmax: bool = False,
+    threshold: float | None = None,
+    below_threshold: float = 255,
 ) -> ServeJob:
     """Validate a serving run and plan its tiles, without writing anything.
 
-    Parameters are those of :func:`serve`. Loads the model, resolves its inputs and
-    outputs, derives or checks the geometry (one small probe run), builds the
-    layout and the tile plan.
+    Parameters are those of :func:`serve`. Loads the model, resolves its inputs,
+    outputs and tensor layout, derives or checks the geometry (one small probe
+    run), measures the halo of a same-padded model, builds the layout and the tile
+    plan.
     """
     sources = list(sources)
     if not sources:
@@ -442,7 +476,16 @@ def prepare_serve(
     user_inputs = {engine.resolve_input(k, "model.userplaceholders"): v
                    for k, v in user_inputs.items()}
     input_names = resolve_inputs(engine, sources, user_inputs)
+    model_layout = detect_layout(engine, sources, input_names, model_layout)
+    engine = with_layout(engine, model_layout)
     outputs = resolve_outputs(engine, output_names)
+    coverage = _check_coverage(coverage)
+    pad = _check_padding(padding)
+    if threshold is not None and not argmax:
+        raise InputError(f"output.threshold: {threshold!r} needs output.argmax (the threshold "
+                         "applies to the highest class score)")
+    post = Argmax(threshold, below_threshold) if argmax else None
+    given_margin = _margin(margin)
     spcscale = check_factor(spcscale, "output.spcscale")
     ef = _pair(efield, "output.efield")
     if not fullyconv and ef not in (None, (1, 1)):
@@ -483,15 +526,33 @@ def prepare_serve(
         derived = True
         logger.info("geometry derived from the model: %s", geometry.describe(names))
 
-    layout = Layout(tuple(grids), geometry.fields, factor=spcscale, efield=geometry.efield)
+    strides = serving_strides(grids, spcscale, fullyconv)
+    same_padded = bool(fullyconv and strides is not None and all(
+        rf[d] == step[d] * geometry.efield[d]
+        for rf, step in zip(geometry.fields, strides, strict=True) for d in (0, 1)))
+    if coverage is None:
+        coverage = "full" if same_padded else "inset"
+    layout = Layout(tuple(grids), geometry.fields, factor=spcscale, efield=geometry.efield,
+                    coverage=coverage)
     for line in misalignments(grids):
         logger.warning("%s", line)
     out_grid = layout.output_grid
     channels = check_geometry(engine, sources, layout, input_names, outputs, fullyconv,
                                user_inputs, geometry)
     dtypes = [engine.inputs[n].dtype for n in input_names]
+    coefficients = check_normalizations(normalization, names, [s.bands for s in sources],
+                                        dtypes)
     runner = TileRunner(sources, layout, input_names, dtypes, outputs, channels, fullyconv,
-                        user_inputs, os.fspath(model_path) if model_path is not None else None)
+                        user_inputs, os.fspath(model_path) if model_path is not None else None,
+                        model_layout=model_layout, normalizations=coefficients, argmax=post,
+                        pad=pad if coverage == "full" else None)
+    if given_margin is not None:
+        margin_px = given_margin
+    elif same_padded and strides is not None and not disable_tiling:
+        margin_px = _measured_margin(engine, sources, input_names, outputs, user_inputs,
+                                     strides)
+    else:
+        margin_px = (0, 0)
 
     crop, cropped = crop_box(box, out_grid.width, out_grid.height)
     if cropped:
@@ -503,16 +564,89 @@ def prepare_serve(
     else:
         default = DEFAULT_TILE_FCN if fullyconv else _pb_default_tile(sources, geometry)
         size = _pair(tile_size, "optim.tilesizex") or (default, default)
+    if given_margin is not None and any(m > t for m, t in zip(given_margin, size,
+                                                                 strict=True)):
+        raise InputError(f"output.margin: {given_margin[0]} px is larger than the tile "
+                         f"({size[0]}×{size[1]} px); give a larger optim.tilesizex/y")
+    if any(m > t for m, t in zip(margin_px, size, strict=True)):
+        enlarged = (max(size[0], 2 * margin_px[0]), max(size[1], 2 * margin_px[1]))
+        logger.warning("optim.tilesizex/y %d×%d enlarged to %d×%d, twice the measured halo "
+                       "of %d px", *size, *enlarged, margin_px[0])
+        size = enlarged
     adjusted = align_size(size, geometry.efield)
     if adjusted != size and not disable_tiling:
         logger.warning("optim.tilesizex/y %d×%d enlarged to %d×%d, a multiple of the "
                        "expression field %d×%d", *size, *adjusted, ex, ey)
-    tiles = plan_tiles(out_grid.width, out_grid.height, crop, adjusted, geometry.efield)
-    logger.info("output grid %d×%d px at %g m, box %s, %d tile(s) of %d×%d (%s)",
-                out_grid.width, out_grid.height, out_grid.grid.spacing[0], crop, len(tiles),
-                *adjusted, "fully-convolutional" if fullyconv else "patch-based")
+    tiles = plan_tiles(out_grid.width, out_grid.height, crop, adjusted, geometry.efield,
+                       margin=margin_px, computed=layout.computed_size)
+    logger.info("output grid %d×%d px at %g m (%s coverage), box %s, %d tile(s) of %d×%d "
+                "overlapping by %d px (%s, %s model)", out_grid.width, out_grid.height,
+                out_grid.grid.spacing[0], coverage, crop, len(tiles), *adjusted, margin_px[0],
+                "fully-convolutional" if fullyconv else "patch-based", model_layout)
     return ServeJob(sources, engine, layout, geometry, derived, runner, crop, adjusted, tiles,
-                    model_path=_model_path(model, engine))
+                    model_path=_model_path(model, engine), margin=margin_px)
+
+
+def _check_coverage(value: str | None) -> str | None:
+    """``inset``, ``full`` or None (chosen from the model), or raise naming output.coverage."""
+    if value is None:
+        return None
+    text = str(value).lower()
+    if text not in COVERAGES:
+        raise InputError(f"output.coverage: {value!r} is not one of {', '.join(COVERAGES)}")
+    return text
+
+
+def _check_padding(value: str | float) -> str | float:
+    """``reflect`` or a finite constant, or raise naming output.padding."""
+    if isinstance(value, str):
+        if value.lower() == "reflect":
+            return "reflect"
+        try:
+            value = float(value)
+        except ValueError:
+            raise InputError(f"output.padding: {value!r} is neither reflect nor a "
+                             "number") from None
+    number = float(value)
+    if not math.isfinite(number):
+        raise InputError(f"output.padding: {value!r} must be finite or reflect")
+    return number
+
+
+def _margin(value: int | Sequence[int] | None) -> tuple[int, int] | None:
+    """A margin ``(mx, my)`` ≥ 0 from one value or a pair, or raise naming output.margin."""
+    if value is None:
+        return None
+    items = [value] if isinstance(value, int | np.integer) else list(value)
+    if len(items) not in (1, 2) or any(int(v) != v or v < 0 for v in items):
+        raise InputError(f"output.margin: {value!r} must be an integer number of pixels ≥ 0 "
+                         "(or a pair)")
+    pair = (int(items[0]), int(items[-1]))
+    return pair
+
+
+def _measured_margin(engine: Engine, sources: Sequence[Source], input_names: Sequence[str],
+                     outputs: Sequence[str], user_inputs: Mapping[str, np.ndarray],
+                     strides: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """The halo of a same-padded model, measured; a warning when it cannot be."""
+    halo, problem = measure_halo(engine, input_names, [s.bands for s in sources], outputs,
+                                 user_inputs, strides)
+    if halo is None and "reached" in problem:
+        raise ModelError(
+            f"model.dir: the model's output keeps its input size (same padding), but {problem}; "
+            f"give output.margin (e.g. {2 * HALO_LIMIT}) or serve with "
+            "optim.disabletiling"
+        )
+    if halo is None:
+        logger.warning("output.margin: the halo of this same-padded model could not be "
+                       "measured (%s): tiles do not overlap, and pixels near tile edges may "
+                       "differ from the model applied to the whole image; give output.margin",
+                       problem)
+        return (0, 0)
+    if halo:
+        logger.info("same-padded model: halo measured %d px; tiles overlap by %d px and crop "
+                    "it (output.margin to override)", halo, halo)
+    return (halo, halo)
 
 
 def _pair(value: int | Sequence[int] | None, parameter: str) -> tuple[int, int] | None:
@@ -566,6 +700,14 @@ def serve(
     colormap: Mapping[int, Sequence[int]] | None = None,
     class_names: Sequence[str] | None = None,
     sink: str | None = None,
+    model_layout: str | None = None,
+    margin: int | Sequence[int] | None = None,
+    coverage: str | None = None,
+    padding: str | float = "reflect",
+    normalization: Sequence[Normalization | None] | None = None,
+    argmax: bool = False,
+    threshold: float | None = None,
+    below_threshold: float = 255,
 ) -> ServeSummary:
     """Apply a model to whole rasters and write the map (GeoTIFF, COG or VRT mosaic).
 
@@ -650,6 +792,31 @@ def serve(
         ``"ordered"`` (one writer here) or ``"blocks"`` (block files, written by the
         workers on a cluster). Default: blocks on a cluster, for ``resume`` and for VRT
         outputs; ordered otherwise.
+    model_layout
+        ``"nhwc"`` (channels last: TensorFlow, Keras) or ``"nchw"`` (channels first:
+        PyTorch exports) image tensors, inputs and outputs alike. None: detected from
+        the model's static channel dimensions and the sources' band counts.
+    margin
+        Output pixels by which tiles overlap (computed, then cropped), ``m`` or
+        ``(mx, my)``. None: 0, except for same-padded models (output as large as the
+        input), whose halo is measured by probing so that tiles equal the model applied
+        to the whole image.
+    coverage
+        ``"inset"`` (OTBTF's: only pixels whose receptive fields lie inside every
+        source) or ``"full"`` (source 1's whole extent; windows past the edges are
+        filled as ``padding`` says). None: full for same-padded models, else inset.
+    padding
+        Fill of windows past a source's edges under full coverage: ``"reflect"`` or a
+        constant value.
+    normalization
+        One :class:`~terrapatch.serve.Normalization` (or None) per source, applied to
+        its values before the model (after nodata detection).
+    argmax
+        Write the class index of each output's highest score instead of the scores.
+    threshold
+        With ``argmax``: pixels whose highest score is below it get ``below_threshold``.
+    below_threshold
+        Value of pixels below ``threshold``.
 
     Returns
     -------
@@ -674,7 +841,10 @@ def serve(
         job = prepare_serve(sources, model, output_names=output_names, fullyconv=fullyconv,
                             spcscale=spcscale, efield=efield, tile_size=tile_size, box=box,
                             user_placeholders=user_placeholders,
-                            disable_tiling=disable_tiling, engine=engine)
+                            disable_tiling=disable_tiling, engine=engine,
+                            model_layout=model_layout, margin=margin, coverage=coverage,
+                            padding=padding, normalization=normalization, argmax=argmax,
+                            threshold=threshold, below_threshold=below_threshold)
         return job.run(out, dtype, rounding=rounding, background=background,
                        creation_options=creation_options, quiet=quiet, prefetch=prefetch,
                        scheduler=client, block_tiles=block_tiles, resume=resume,

@@ -29,6 +29,7 @@ __all__ = [
     "check_geometry",
     "derive_geometry",
     "efield_for_fields",
+    "measure_halo",
     "output_channels",
     "probe_tile",
 ]
@@ -351,3 +352,89 @@ def check_geometry(engine: Engine, sources: Sequence[Source], layout: Layout,
             f"inconsistent geometry ({geometry.describe(names)}): {problem}; {hint}"
         )
     return channels
+
+
+#: Largest halo, in output pixels, that :func:`measure_halo` looks for.
+HALO_LIMIT = 64
+
+
+def measure_halo(engine: Engine, input_names: Sequence[str], bands: Sequence[int],
+                 outputs: Sequence[str], user_inputs: Mapping[str, np.ndarray],
+                 strides: Sequence[tuple[int, int]], limit: int = HALO_LIMIT
+                 ) -> tuple[int | None, str]:
+    """Halo of a same-padded model: how far, in output pixels, one input pixel reaches.
+
+    The model runs on a random tensor, then on copies where the centre pixel of one
+    input is changed; the farthest output pixel that changes (beyond float
+    round-off) from the centre's position gives the halo. Tiles that overlap by it
+    and crop it equal the model applied to the whole image.
+
+    Returns
+    -------
+    (halo, problem)
+        ``halo`` (None when it could not be measured) and, then, why: the model
+        failed on the probe tensors, or the change reached the probe's edge (a
+        halo beyond ``limit``, e.g. global pooling or attention).
+    """
+    prober = Prober(engine, input_names, bands, outputs, user_inputs)
+    rng = np.random.default_rng(0)
+    for side in (64, 16 * -(-(2 * limit + 16) // 16)):
+        sizes = [(side * dx, side * dy) for dx, dy in strides]
+        base = prober.feed(sizes)
+        for name in input_names:
+            base[name] = _random_like(base[name], rng)
+        try:
+            reference = engine.run(base, outputs)
+        except ModelRunError as exc:
+            return None, f"the model failed on a {side}×{side}-pixel probe ({exc.detail})"
+        halo, reached = 0, False
+        for name, (dx, dy) in zip(input_names, strides, strict=True):
+            _, h, w, _ = base[name].shape
+            cy, cx = h // 2, w // 2
+            for delta in (1.0, -1.0, 4.0):
+                feed = dict(base)
+                changed = base[name].copy()
+                changed[0, cy, cx, :] = changed[0, cy, cx, :] + np.asarray(
+                    delta, dtype=changed.dtype)
+                feed[name] = changed
+                result = engine.run(feed, outputs)
+                for key in outputs:
+                    reach = _reach(reference[key], result[key], cx / dx, cy / dy)
+                    if reach is None:
+                        continue
+                    halo = max(halo, reach[0])
+                    reached = reached or reach[1]
+        if not reached:
+            return halo, ""
+        if halo > limit:
+            break
+    return None, (f"a change of one input pixel reached output pixels more than {limit} px "
+                  "away (the edge of the probe): the model has global context (pooling, "
+                  "attention) or a halo beyond the limit")
+
+
+def _random_like(array: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Random values of ``array``'s shape and type: standard normal, or 0..100 integers."""
+    if np.issubdtype(array.dtype, np.floating):
+        return rng.standard_normal(array.shape).astype(array.dtype)
+    return rng.integers(0, 100, array.shape).astype(array.dtype)
+
+
+def _reach(before: np.ndarray, after: np.ndarray, x: float, y: float
+           ) -> tuple[int, bool] | None:
+    """Farthest changed output pixel from ``(x, y)`` and whether it touches the edge.
+
+    None for outputs that are not image batches ``(1, rows, cols, channels)``.
+    """
+    a, b = np.asarray(before, dtype=np.float64), np.asarray(after, dtype=np.float64)
+    if a.ndim != 4 or a.shape != b.shape:
+        return None
+    scale = max(float(np.abs(a).max()), 1e-12)
+    changed = (np.abs(a - b) > 1e-4 * scale).any(axis=(0, 3))
+    rows, cols = np.nonzero(changed)
+    if rows.size == 0:
+        return 0, False
+    h, w = changed.shape
+    reach = int(np.ceil(max(np.abs(cols - np.floor(x)).max(), np.abs(rows - np.floor(y)).max())))
+    edge = bool(rows.min() == 0 or cols.min() == 0 or rows.max() == h - 1 or cols.max() == w - 1)
+    return reach, edge

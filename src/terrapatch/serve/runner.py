@@ -23,6 +23,8 @@ from terrapatch.engines import Engine, load_engine
 from terrapatch.errors import ModelError
 from terrapatch.geometry import Layout, Tile
 from terrapatch.raster import Source, SourceReader, nodata_mask, patches_from_region
+from terrapatch.serve.layouts import with_layout
+from terrapatch.serve.transforms import Argmax, normalize
 
 __all__ = ["ServeStats", "TileRunner", "all_nodata"]
 
@@ -70,13 +72,25 @@ class TileRunner:
         Extra constant model inputs (``model.userplaceholders``).
     model
         Path of the model, used by :meth:`__call__` to open an engine where none is given.
+    model_layout
+        ``"nhwc"`` or ``"nchw"``: the layout of the model's image tensors (engines this
+        runner opens are wrapped to take channels-last tensors, see :meth:`adapt`).
+    normalizations
+        Per source, ``(a, b)`` per band (the model gets ``x · a + b``) or None.
+    argmax
+        Class index (and threshold) applied to each output, or None: raw outputs.
+    pad
+        How windows reaching past a source's edges are filled (full coverage):
+        ``"reflect"``, a constant, or None (windows stay inside the sources).
     """
 
     def __init__(self, sources: Sequence[Source], layout: Layout, input_names: Sequence[str],
                  input_dtypes: Sequence[np.dtype], output_names: Sequence[str],
                  channels: Sequence[int], fullyconv: bool,
                  user_inputs: Mapping[str, np.ndarray] | None = None,
-                 model: str | None = None) -> None:
+                 model: str | None = None, model_layout: str = "nhwc",
+                 normalizations: Sequence[tuple[np.ndarray, np.ndarray] | None] | None = None,
+                 argmax: Argmax | None = None, pad: str | float | None = None) -> None:
         self.sources = list(sources)
         self.layout = layout
         self.input_names = list(input_names)
@@ -86,12 +100,20 @@ class TileRunner:
         self.fullyconv = fullyconv
         self.user_inputs = dict(user_inputs or {})
         self.model = model
+        self.model_layout = model_layout
+        self.normalizations = list(normalizations or [None] * len(self.sources))
+        self.argmax = argmax
+        self.pad = pad
         self._local = threading.local()
 
     @property
     def bands(self) -> int:
-        """Number of output bands."""
-        return sum(self.channels)
+        """Number of output bands (one per output after an argmax)."""
+        return len(self.channels) if self.argmax is not None else sum(self.channels)
+
+    def adapt(self, engine: Engine) -> Engine:
+        """``engine`` seen with channels-last tensors (wrapped for a channels-first model)."""
+        return with_layout(engine, self.model_layout)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -121,15 +143,20 @@ class TileRunner:
         for i, (source, reader, region) in enumerate(zip(self.sources, readers, regions,
                                                          strict=True)):
             dtype = self.input_dtypes[i]
+            coefficients = self.normalizations[i]
             if self.fullyconv:
-                pixels = reader.read(region, interleave="pixel")  # (rows, cols, bands)
+                # (rows, cols, bands)
+                pixels = reader.read(region, interleave="pixel", pad=self.pad)
                 if all_nodata(pixels, source.nodata):
                     return None
                 # One contiguous cast (none when the types match), then a batch axis (a view).
-                tensor = pixels if pixels.dtype == dtype else pixels.astype(dtype)
+                if coefficients is not None:
+                    tensor = normalize(pixels, coefficients, -1, dtype)
+                else:
+                    tensor = pixels if pixels.dtype == dtype else pixels.astype(dtype)
                 feed[self.input_names[i]] = tensor[None]
                 continue
-            data = reader.read(region)  # (bands, rows, cols)
+            data = reader.read(region, pad=self.pad)  # (bands, rows, cols)
             cols, rows = self.layout.tile_starts(col, row, width, height, i)
             rx, ry = self.layout.fields[i]
             covered = (np.all(np.diff(cols) <= rx) and np.all(np.diff(rows) <= ry))
@@ -137,7 +164,10 @@ class TileRunner:
                 return None
             rr, cc = np.meshgrid(rows - int(region.row_off), cols - int(region.col_off),
                                  indexing="ij")
-            region_cast = data if data.dtype == dtype else data.astype(dtype)
+            if coefficients is not None:
+                region_cast = normalize(data, coefficients, 0, dtype)
+            else:
+                region_cast = data if data.dtype == dtype else data.astype(dtype)
             patches = patches_from_region(region_cast, cc.ravel(), rr.ravel(), (rx, ry))
             if not covered and source.nodata is not None:
                 raw = patches_from_region(data, cc.ravel(), rr.ravel(), (rx, ry))
@@ -171,7 +201,8 @@ class TileRunner:
                     f"{width}×{height}-pixel tile in {mode} mode; expected {expected} values "
                     f"({height}×{width}×{channels})"
                 )
-            parts.append(array.reshape(height, width, channels))
+            scores = array.reshape(height, width, channels)
+            parts.append(scores if self.argmax is None else self.argmax(scores))
         stacked = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)
         tc, tr, tw, th = tile.target
         wc, wr = tile.window[0], tile.window[1]
@@ -188,7 +219,7 @@ class TileRunner:
             if getattr(local, "engine", None) is None:
                 if self.model is None:
                     raise ModelError("TileRunner: no engine given and no model path to open")
-                local.engine = load_engine(self.model)
+                local.engine = self.adapt(load_engine(self.model))
             engine = local.engine
         feed = self.read(local.readers, tile)
         if feed is None:

@@ -5,7 +5,10 @@ channels-last convention: each input ``[N, H, W, C]`` goes through a valid
 ``k × k`` convolution (source 1) or a valid ``k/2 × k/2`` convolution (source 2,
 at twice the spacing), the two are added and a ReLU gives ``[N, H-k+1, W-k+1,
 classes]``. Weights are seeded, so the model's values can be compared across
-runs and processes. Needs the ``onnx`` package (the ``tensorflow`` extra).
+runs and processes. :func:`segmentation_onnx` writes the shape most of the field
+exports from PyTorch: channels first ``[N, C, H, W]``, a stack of 3 × 3
+convolutions (same-padded, or valid) and a softmax over the classes. Needs the
+``onnx`` package (the ``tensorflow`` extra).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["conv_onnx", "single_conv_onnx"]
+__all__ = ["conv_onnx", "segmentation_onnx", "single_conv_onnx"]
 
 
 def _conv_branch(helper: Any, name: str, bands: int, classes: int, kernel: int,
@@ -94,3 +97,52 @@ def single_conv_onnx(path: str | os.PathLike[str], bands: int = 4, classes: int 
     nodes.append(helper.make_node("Transpose", [conv], [output], perm=[0, 2, 3, 1]))
     return _save(path, "terrapatch_test_single_conv", nodes, inits, {name: bands}, output,
                  classes)
+
+
+def segmentation_onnx(path: str | os.PathLike[str], bands: int = 3, classes: int = 4,
+                      layers: int = 4, width: int = 16, same: bool = True, seed: int = 0,
+                      name: str = "input", output: str = "output",
+                      static_channels: bool = True) -> Path:
+    """Write a channels-first segmentation model ``[N, bands, H, W] → [N, classes, H, W]``.
+
+    ``layers`` 3 × 3 convolutions (``width`` channels, ReLU between) then a softmax
+    over the classes (axis 1). Same-padded (``same``: pads 1, the output keeps the
+    input size, halo ``layers`` px) or valid (the output is ``2·layers`` px smaller,
+    receptive field ``2·layers + 1``). Float32 input; seeded random weights.
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(seed)
+    nodes: list[Any] = []
+    inits: list[Any] = []
+    current, channels = name, bands
+    for i in range(layers):
+        out_channels = classes if i == layers - 1 else width
+        weights = rng.normal(0, (2.0 / (9 * channels)) ** 0.5,
+                             (out_channels, channels, 3, 3)).astype(np.float32)
+        bias = rng.normal(0, 0.1, (out_channels,)).astype(np.float32)
+        inits.append(helper.make_tensor(f"w{i}", TensorProto.FLOAT, weights.shape,
+                                        weights.ravel()))
+        inits.append(helper.make_tensor(f"b{i}", TensorProto.FLOAT, bias.shape, bias))
+        nodes.append(helper.make_node("Conv", [current, f"w{i}", f"b{i}"], [f"conv{i}"],
+                                      kernel_shape=[3, 3], pads=[1, 1, 1, 1] if same else
+                                      [0, 0, 0, 0]))
+        current = f"conv{i}"
+        if i < layers - 1:
+            nodes.append(helper.make_node("Relu", [current], [f"relu{i}"]))
+            current = f"relu{i}"
+        channels = out_channels
+    nodes.append(helper.make_node("Softmax", [current], [output], axis=1))
+    graph = helper.make_graph(
+        nodes, "terrapatch_test_segmentation",
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT,
+                                       [None, bands if static_channels else None, None, None])],
+        [helper.make_tensor_value_info(output, TensorProto.FLOAT, [None, classes, None, None])],
+        inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    target = Path(path)
+    onnx.save(model, target)
+    return target

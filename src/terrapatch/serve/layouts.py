@@ -1,0 +1,148 @@
+"""Tensor layouts: detect whether a model takes channels-last or channels-first images.
+
+TensorFlow and Keras models take ``[batch, rows, cols, bands]`` (``"nhwc"``); models
+exported from PyTorch, most ONNX files among them, take ``[batch, bands, rows,
+cols]`` (``"nchw"``). :func:`detect_layout` decides from the model's static input
+shapes against the sources' band counts, then from the engine's convention, and
+:func:`with_layout` wraps a channels-first engine so that the rest of serving
+(probing, tiles, assembly) always sees channels-last tensors: inputs are
+transposed on the way in, rank-4 outputs on the way out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from terrapatch.engines import Engine, TensorInfo
+from terrapatch.errors import InputError, ModelError
+from terrapatch.progress import logger
+from terrapatch.raster import Source
+
+__all__ = ["LAYOUTS", "ChannelsFirstEngine", "detect_layout", "with_layout"]
+
+#: Accepted layouts: channels last (TensorFlow, Keras) and channels first (PyTorch, ONNX).
+LAYOUTS = ("nhwc", "nchw")
+
+
+def check_layout(value: Any, parameter: str = "model.layout") -> str | None:
+    """Normalise a layout name (None stays None: detect it), or raise naming ``parameter``."""
+    if value is None or value == "":
+        return None
+    text = str(value).lower()
+    if text not in LAYOUTS:
+        raise InputError(f"{parameter}: {value!r} is not a layout; expected nhwc (channels "
+                         "last) or nchw (channels first)")
+    return text
+
+
+def _fits(shape: tuple[int | None, ...] | None, axis: int, bands: int) -> bool | None:
+    """Whether a rank-4 static shape has ``bands`` at ``axis`` (None: not static)."""
+    if shape is None or len(shape) != 4 or shape[axis] is None:
+        return None
+    return shape[axis] == bands
+
+
+def _describe_feed(source: Source, layout: str) -> str:
+    if layout == "nchw":
+        return f"[batch, {source.bands}, rows, cols] (nchw)"
+    return f"[batch, rows, cols, {source.bands}] (nhwc)"
+
+
+def detect_layout(engine: Engine, sources: Sequence[Source], input_names: Sequence[str],
+                  override: str | None = None) -> str:
+    """Layout of the model's image inputs: ``"nhwc"`` or ``"nchw"``.
+
+    Decided, in this order, by ``override`` (checked against the band counts), by
+    the static channel dimension of each input against its source's band count,
+    and by the engine's convention (:attr:`Engine.layout`; channels last for
+    TensorFlow and Keras). All inputs share one layout.
+
+    Raises
+    ------
+    InputError
+        If ``override`` contradicts a static channel dimension, or no layout fits
+        every source's band count (the message states both possibilities).
+    """
+    override = check_layout(override)
+    shapes = {name: engine.inputs[name].shape for name in input_names}
+    for name in input_names:
+        shape = shapes[name]
+        if shape is not None and len(shape) != 4:
+            raise ModelError(
+                f"model.dir: model input {engine.inputs[name].describe()} is not an image batch "
+                "(rank 4: [batch, rows, cols, bands] or [batch, bands, rows, cols])"
+            )
+    fits = {layout: [_fits(shapes[n], -1 if layout == "nhwc" else 1, s.bands)
+                     for s, n in zip(sources, input_names, strict=True)]
+            for layout in LAYOUTS}
+    if override is not None:
+        for s, n, ok in zip(sources, input_names, fits[override], strict=True):
+            if ok is False:
+                raise InputError(
+                    f"model.layout: {override} contradicts the model: input "
+                    f"{engine.inputs[n].describe()} has no {s.bands} channel(s) of {s.name}.il "
+                    f"there; terrapatch would feed {_describe_feed(s, override)}"
+                )
+        return override
+    possible = [layout for layout in LAYOUTS if all(ok is not False for ok in fits[layout])]
+    if not possible:
+        s, n = next((s, n) for s, n, a, b in zip(sources, input_names, fits["nhwc"],
+                                                   fits["nchw"], strict=True)
+                    if a is False and b is False)
+        raise InputError(
+            f"{s.name}.il: {s.bands} band(s), but model input {engine.inputs[n].describe()} "
+            f"takes neither {_describe_feed(s, 'nhwc')} nor {_describe_feed(s, 'nchw')}"
+        )
+    if len(possible) == 1:
+        return possible[0]
+    confirmed = [layout for layout in LAYOUTS if all(fits[layout])]
+    if len(confirmed) == 1:
+        return confirmed[0]
+    layout = engine.layout
+    if confirmed:  # every channel dimension fits both ways, e.g. [1, 3, 64, 3]
+        logger.warning("model.layout: the model's input shapes fit both nhwc and nchw; "
+                       "assuming %s (give model.layout to choose)", layout)
+    return layout
+
+
+class ChannelsFirstEngine(Engine):
+    """A channels-first engine seen as channels-last: transposes inputs and rank-4 outputs.
+
+    Parameters
+    ----------
+    inner
+        The engine of a model taking ``[batch, bands, rows, cols]`` images.
+    """
+
+    layout = "nhwc"
+
+    def __init__(self, inner: Engine) -> None:
+        self.inner = inner
+        super().__init__(inner.path, {k: _to_last(v) for k, v in inner.inputs.items()},
+                         {k: _to_last(v) for k, v in inner.outputs.items()}, inner.aliases)
+
+    def _run(self, feed: dict[str, np.ndarray], outputs: list[str]) -> dict[str, Any]:
+        moved = {k: (np.ascontiguousarray(v.transpose(0, 3, 1, 2)) if v.ndim == 4 else v)
+                 for k, v in feed.items()}
+        result = self.inner.run(moved, outputs)
+        return {k: (np.asarray(v).transpose(0, 2, 3, 1) if np.ndim(v) == 4 else v)
+                for k, v in result.items()}
+
+
+def _to_last(info: TensorInfo) -> TensorInfo:
+    """The channels-last view of a channels-first tensor description."""
+    shape = info.shape
+    if shape is not None and len(shape) == 4:
+        shape = (shape[0], shape[2], shape[3], shape[1])
+    return TensorInfo(info.name, shape, info.dtype)
+
+
+def with_layout(engine: Engine, layout: str | None) -> Engine:
+    """``engine`` as a channels-last engine (wrapped when ``layout`` is ``"nchw"``)."""
+    if layout == "nchw" and not isinstance(engine, ChannelsFirstEngine):
+        return ChannelsFirstEngine(engine)
+    return engine
+
