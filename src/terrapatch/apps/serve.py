@@ -10,7 +10,7 @@ from terrapatch.apps._base import App, Param
 from terrapatch.errors import InputError
 from terrapatch.progress import logger
 from terrapatch.raster import Source
-from terrapatch.serve import ServeSummary, serve
+from terrapatch.serve import Normalization, ServeSummary, serve
 
 _NUMERIC = set("-0123456789.")
 
@@ -99,6 +99,11 @@ class TensorflowModelServe(App):
               "(default: the free inputs in alphabetical order)"),
         Param("nodata", "float", "skip tiles whose input from this source is entirely this "
               "value (filled with output.bv)"),
+        Param("scale", "strs", "multiply this source's values before the model: one value "
+              "or one per band (e.g. 0.00392 for /255)"),
+        Param("offset", "strs", "then add this (one value or one per band)"),
+        Param("mean", "strs", "then subtract this per-band mean (one value or one per band)"),
+        Param("std", "strs", "then divide by this per-band standard deviation"),
     )
     params = (
         Param("model.dir", "path", "SavedModel directory, .keras file or .onnx file",
@@ -107,6 +112,9 @@ class TensorflowModelServe(App):
               "name=(v1, v2...), name=true|false"),
         Param("model.fullyconv", "bool", "fully-convolutional mode (one tensor per tile)",
               default=False),
+        Param("model.layout", "choice", "image tensors channels last (nhwc: TensorFlow, "
+              "Keras) or first (nchw: PyTorch exports); default: detected from the model",
+              choices=("nhwc", "nchw")),
         Param("model.tagsets", "strs", "SavedModel tags (accepted for compatibility; the "
               "serving signature is used)"),
         Param("output.names", "strs", "model outputs stacked as bands "
@@ -116,6 +124,20 @@ class TensorflowModelServe(App):
         Param("output.efieldx", "int", "expression field width (default: derived from the "
               "model in fully-convolutional mode, 1 otherwise)"),
         Param("output.efieldy", "int", "expression field height (default: efieldx)"),
+        Param("output.margin", "int", "output pixels by which tiles overlap, computed and "
+              "cropped (default: the halo measured for same-padded models, else 0)"),
+        Param("output.coverage", "choice", "inset: pixels whose receptive fields lie inside "
+              "every source (OTBTF); full: source 1's whole extent, windows padded past the "
+              "edges (default: full for same-padded models, else inset)",
+              choices=("inset", "full")),
+        Param("output.padding", "str", "fill of windows past the edges under full "
+              "coverage: reflect, or a constant value", default="reflect"),
+        Param("output.argmax", "bool", "write the class index of the highest score of each "
+              "output instead of the scores", default=False),
+        Param("output.threshold", "float", "with output.argmax: pixels whose highest score "
+              "is below this (in [0, 1]) get output.belowvalue"),
+        Param("output.belowvalue", "float", "value of pixels below output.threshold",
+              default=255.0),
         Param("output.bv", "float", "value of skipped (no-data) tiles, also written as the "
               "output's nodata (unset: 0, and no nodata value)"),
         Param("optim.disabletiling", "bool", "compute the whole output as one tile",
@@ -131,6 +153,7 @@ class TensorflowModelServe(App):
     def run(self) -> ServeSummary:
         """Serve the model."""
         sources = []
+        normalizations: list[Normalization | None] = []
         for k in range(1, self.n_sources + 1):
             il = self.source(k, "il")
             if not il:
@@ -142,6 +165,7 @@ class TensorflowModelServe(App):
                                   nodata=self.source(k, "nodata"),
                                   placeholder=self.source(k, "placeholder"),
                                   name=f"source{k}"))
+            normalizations.append(self._normalization(k))
         if not sources:
             raise InputError("source1.il: missing mandatory parameter of TensorflowModelServe")
         spcscale = self.get("output.spcscale")
@@ -176,4 +200,27 @@ class TensorflowModelServe(App):
             workers=self.workers,
             resume=self.resume,
             output_format=out.ext.driver,
+            model_layout=self.get("model.layout"),
+            margin=self.get("output.margin"),
+            coverage=self.get("output.coverage"),
+            padding=self.get("output.padding"),
+            normalization=normalizations,
+            argmax=bool(self.get("output.argmax")),
+            threshold=self.get("output.threshold"),
+            below_threshold=self.get("output.belowvalue"),
         )
+
+    def _normalization(self, k: int) -> Normalization | None:
+        """``sourceK.scale/offset/mean/std`` as a normalisation (None when none is given)."""
+        fields: dict[str, float | list[float]] = {}
+        for name in ("scale", "offset", "mean", "std"):
+            items = self.source(k, name)
+            if not items:
+                continue
+            try:
+                values = [float(v) for v in items]
+            except ValueError:
+                raise InputError(f"source{k}.{name}: {' '.join(items)!r} is not a list of "
+                                 "numbers") from None
+            fields[name] = values[0] if len(values) == 1 else values
+        return Normalization(**fields) if fields else None  # type: ignore[arg-type]

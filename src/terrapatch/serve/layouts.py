@@ -79,33 +79,53 @@ def detect_layout(engine: Engine, sources: Sequence[Source], input_names: Sequen
                      for s, n in zip(sources, input_names, strict=True)]
             for layout in LAYOUTS}
     if override is not None:
-        for s, n, ok in zip(sources, input_names, fits[override], strict=True):
-            if ok is False:
+        other = "nchw" if override == "nhwc" else "nhwc"
+        for s, n, ok, alt in zip(sources, input_names, fits[override], fits[other],
+                                 strict=True):
+            if ok is False or (ok is None and alt):
                 raise InputError(
                     f"model.layout: {override} contradicts the model: input "
                     f"{engine.inputs[n].describe()} has no {s.bands} channel(s) of {s.name}.il "
                     f"there; terrapatch would feed {_describe_feed(s, override)}"
                 )
         return override
-    possible = [layout for layout in LAYOUTS if all(ok is not False for ok in fits[layout])]
-    if not possible:
-        s, n = next((s, n) for s, n, a, b in zip(sources, input_names, fits["nhwc"],
-                                                   fits["nchw"], strict=True)
-                    if a is False and b is False)
+    votes: set[str] = set()
+    both = False
+    for s, n, last, first in zip(sources, input_names, fits["nhwc"], fits["nchw"],
+                                 strict=True):
+        if last and first:
+            both = True
+        elif last:
+            votes.add("nhwc")
+        elif first:
+            votes.add("nchw")
+        elif last is False or first is False:  # a static channel axis that does not fit
+            raise InputError(_mismatch(engine, s, n))
+    if len(votes) > 1:
         raise InputError(
-            f"{s.name}.il: {s.bands} band(s), but model input {engine.inputs[n].describe()} "
-            f"takes neither {_describe_feed(s, 'nhwc')} nor {_describe_feed(s, 'nchw')}"
+            "model.layout: the model's inputs disagree (some channels last, some channels "
+            f"first: {', '.join(engine.inputs[n].describe() for n in input_names)}); "
+            "give model.layout"
         )
-    if len(possible) == 1:
-        return possible[0]
-    confirmed = [layout for layout in LAYOUTS if all(fits[layout])]
-    if len(confirmed) == 1:
-        return confirmed[0]
+    if votes:
+        return votes.pop()
     layout = engine.layout
-    if confirmed:  # every channel dimension fits both ways, e.g. [1, 3, 64, 3]
+    if both:  # every channel dimension fits both ways, e.g. [1, 3, 64, 3]
         logger.warning("model.layout: the model's input shapes fit both nhwc and nchw; "
                        "assuming %s (give model.layout to choose)", layout)
     return layout
+
+
+def _mismatch(engine: Engine, source: Source, name: str) -> str:
+    """Message for a source whose band count fits neither layout of a model input."""
+    info = engine.inputs[name]
+    shape = info.shape or ()
+    static = [(axis, shape[i]) for axis, i in (("channels last", -1), ("channels first", 1))
+              if shape and shape[i] is not None]
+    axis, channels = static[0]
+    return (f"{source.name}.il: {source.bands} band(s), but model input {name!r} expects "
+            f"{channels} channel(s) ({info.describe()}, read {axis}); terrapatch would feed "
+            f"{_describe_feed(source, 'nhwc')} or {_describe_feed(source, 'nchw')}")
 
 
 class ChannelsFirstEngine(Engine):
