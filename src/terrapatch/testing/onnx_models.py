@@ -67,14 +67,25 @@ def conv_onnx(path: str | os.PathLike[str], bands: tuple[int, int] = (4, 6), cla
 def _save(path: str | os.PathLike[str], name: str, nodes: list[Any], inits: list[Any],
           inputs: dict[str, int], output: str, classes: int) -> Path:
     """Check and write a graph with uint16 NHWC inputs (name → bands) and a float output."""
+    from onnx import TensorProto
+
+    return _write(path, name, nodes, inits,
+                  {n: (TensorProto.UINT16, [None, None, None, b]) for n, b in inputs.items()},
+                  {output: [None, None, None, classes]})
+
+
+def _write(path: str | os.PathLike[str], name: str, nodes: list[Any], inits: list[Any],
+           inputs: dict[str, tuple[int, list[int | None]]],
+           outputs: dict[str, list[int | None]]) -> Path:
+    """Check and write a graph: inputs name → (ONNX type, shape), float outputs name → shape."""
     import onnx
     from onnx import TensorProto, helper
 
     graph = helper.make_graph(
         nodes, name,
-        [helper.make_tensor_value_info(n, TensorProto.UINT16, [None, None, None, b])
-         for n, b in inputs.items()],
-        [helper.make_tensor_value_info(output, TensorProto.FLOAT, [None, None, None, classes])],
+        [helper.make_tensor_value_info(n, kind, shape) for n, (kind, shape) in inputs.items()],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape)
+         for n, shape in outputs.items()],
         inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
@@ -110,7 +121,6 @@ def segmentation_onnx(path: str | os.PathLike[str], bands: int = 3, classes: int
     input size, halo ``layers`` px) or valid (the output is ``2·layers`` px smaller,
     receptive field ``2·layers + 1``). Float32 input; seeded random weights.
     """
-    import onnx
     from onnx import TensorProto, helper
 
     rng = np.random.default_rng(seed)
@@ -134,15 +144,7 @@ def segmentation_onnx(path: str | os.PathLike[str], bands: int = 3, classes: int
             current = f"relu{i}"
         channels = out_channels
     nodes.append(helper.make_node("Softmax", [current], [output], axis=1))
-    graph = helper.make_graph(
-        nodes, "terrapatch_test_segmentation",
-        [helper.make_tensor_value_info(name, TensorProto.FLOAT,
-                                       [None, bands if static_channels else None, None, None])],
-        [helper.make_tensor_value_info(output, TensorProto.FLOAT, [None, classes, None, None])],
-        inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    target = Path(path)
-    onnx.save(model, target)
-    return target
+    channels_in = bands if static_channels else None
+    return _write(path, "terrapatch_test_segmentation", nodes, inits,
+                  {name: (TensorProto.FLOAT, [None, channels_in, None, None])},
+                  {output: [None, classes, None, None]})
