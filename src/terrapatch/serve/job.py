@@ -18,10 +18,11 @@ driver ships blocks of tiles to a cluster. Either way the map is the same
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,7 @@ from terrapatch.serve import distributed
 from terrapatch.serve.binding import resolve_inputs, resolve_outputs
 from terrapatch.serve.execution import Execution
 from terrapatch.serve.journal import fingerprint, hash_files
-from terrapatch.serve.layouts import detect_layout, with_layout
+from terrapatch.serve.layouts import detect_layout, layout_known, with_layout
 from terrapatch.serve.probe import (
     HALO_LIMIT,
     ModelGeometry,
@@ -476,6 +477,7 @@ def prepare_serve(
     user_inputs = {engine.resolve_input(k, "model.userplaceholders"): v
                    for k, v in user_inputs.items()}
     input_names = resolve_inputs(engine, sources, user_inputs)
+    layout_guessed = model_layout is None and not layout_known(engine, input_names)
     model_layout = detect_layout(engine, sources, input_names, model_layout)
     engine = with_layout(engine, model_layout)
     outputs = resolve_outputs(engine, output_names)
@@ -516,8 +518,9 @@ def prepare_serve(
                     derived = True
                     logger.info("expression field derived from the model: %d×%d", *e)
     else:
-        found = derive_geometry(engine, sources, input_names, outputs, fullyconv, spcscale,
-                                user_inputs)
+        with _layout_hint(layout_guessed, model_layout):
+            found = derive_geometry(engine, sources, input_names, outputs, fullyconv,
+                                    spcscale, user_inputs)
         fields = tuple(g if g is not None else d for g, d in zip(given, found.fields,
                                                                  strict=True))
         if ef is None:
@@ -537,8 +540,9 @@ def prepare_serve(
     for line in misalignments(grids):
         logger.warning("%s", line)
     out_grid = layout.output_grid
-    channels = check_geometry(engine, sources, layout, input_names, outputs, fullyconv,
-                               user_inputs, geometry)
+    with _layout_hint(layout_guessed, model_layout):
+        channels = check_geometry(engine, sources, layout, input_names, outputs, fullyconv,
+                                   user_inputs, geometry)
     dtypes = [engine.inputs[n].dtype for n in input_names]
     coefficients = check_normalizations(normalization, names, [s.bands for s in sources],
                                         dtypes)
@@ -587,6 +591,20 @@ def prepare_serve(
                     model_path=_model_path(model, engine), margin=margin_px)
 
 
+@contextlib.contextmanager
+def _layout_hint(guessed: bool, layout: str) -> Iterator[None]:
+    """Add to a model error that the tensor layout was assumed, not read from the model."""
+    try:
+        yield
+    except ModelError as exc:
+        if not guessed:
+            raise
+        other = "nchw" if layout == "nhwc" else "nhwc"
+        raise ModelError(f"{exc}; the model's inputs have no static channel dimension, so "
+                         f"terrapatch assumed {layout}: give model.layout {other} if the "
+                         "model takes the other layout") from None
+
+
 def _check_coverage(value: str | None) -> str | None:
     """``inset``, ``full`` or None (chosen from the model), or raise naming output.coverage."""
     if value is None:
@@ -617,7 +635,7 @@ def _margin(value: int | Sequence[int] | None) -> tuple[int, int] | None:
     """A margin ``(mx, my)`` ≥ 0 from one value or a pair, or raise naming output.margin."""
     if value is None:
         return None
-    items = [value] if isinstance(value, int | np.integer) else list(value)
+    items = [value] if isinstance(value, int | float | np.number) else list(value)
     if len(items) not in (1, 2) or any(int(v) != v or v < 0 for v in items):
         raise InputError(f"output.margin: {value!r} must be an integer number of pixels ≥ 0 "
                          "(or a pair)")

@@ -21,7 +21,7 @@ from terrapatch.errors import InputError, ModelError
 from terrapatch.progress import logger
 from terrapatch.raster import Source
 
-__all__ = ["LAYOUTS", "ChannelsFirstEngine", "detect_layout", "with_layout"]
+__all__ = ["LAYOUTS", "ChannelsFirstEngine", "detect_layout", "layout_known", "with_layout"]
 
 #: Accepted layouts: channels last (TensorFlow, Keras) and channels first (PyTorch, ONNX).
 LAYOUTS = ("nhwc", "nchw")
@@ -126,6 +126,16 @@ def _mismatch(engine: Engine, source: Source, name: str) -> str:
     return (f"{source.name}.il: {source.bands} band(s), but model input {name!r} expects "
             f"{channels} channel(s) ({info.describe()}, read {axis}); terrapatch would feed "
             f"{_describe_feed(source, 'nhwc')} or {_describe_feed(source, 'nchw')}")
+
+
+def layout_known(engine: Engine, input_names: Sequence[str]) -> bool:
+    """Whether some input's shape shows its channel axis (a static dim 1 or -1)."""
+    for name in input_names:
+        shape = engine.inputs[name].shape
+        if shape is not None and len(shape) == 4 and (shape[1] is not None
+                                                      or shape[-1] is not None):
+            return True
+    return False
 
 
 class ChannelsFirstEngine(Engine):

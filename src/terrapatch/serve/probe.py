@@ -366,8 +366,10 @@ def measure_halo(engine: Engine, input_names: Sequence[str], bands: Sequence[int
 
     The model runs on a random tensor, then on copies where the centre pixel of one
     input is changed; the farthest output pixel that changes (beyond float
-    round-off) from the centre's position gives the halo. Tiles that overlap by it
-    and crop it equal the model applied to the whole image.
+    round-off) from the centre's position gives the halo. When the change reaches
+    the probe's edge, a larger probe follows; if the reach then shrinks, the change
+    was spread over the whole probe (global context). Tiles that overlap by the
+    halo and crop it equal the model applied to the whole image.
 
     Returns
     -------
@@ -378,6 +380,7 @@ def measure_halo(engine: Engine, input_names: Sequence[str], bands: Sequence[int
     """
     prober = Prober(engine, input_names, bands, outputs, user_inputs)
     rng = np.random.default_rng(0)
+    earlier: int | None = None  # the reach of a smaller probe whose edge was reached
     for side in (64, 16 * -(-(2 * limit + 16) // 16)):
         sizes = [(side * dx, side * dy) for dx, dy in strides]
         base = prober.feed(sizes)
@@ -404,10 +407,16 @@ def measure_halo(engine: Engine, input_names: Sequence[str], bands: Sequence[int
                         continue
                     halo = max(halo, reach[0])
                     reached = reached or reach[1]
+        if earlier is not None and halo < earlier:
+            # A local halo would reach at least as far on a larger probe: the change was
+            # spread over the whole probe (a global mean, attention), diluted below
+            # round-off.
+            break
         if not reached:
             return halo, ""
         if halo > limit:
             break
+        earlier = halo
     return None, (f"a change of one input pixel reached output pixels more than {limit} px "
                   "away (the edge of the probe): the model has global context (pooling, "
                   "attention) or a halo beyond the limit")
