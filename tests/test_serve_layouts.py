@@ -32,7 +32,7 @@ from terrapatch.cli import main  # noqa: E402
 from terrapatch.errors import InputError, ModelError  # noqa: E402
 from terrapatch.raster import Source  # noqa: E402
 from terrapatch.serve import Normalization, prepare_serve, serve  # noqa: E402
-from terrapatch.testing.onnx_models import segmentation_onnx  # noqa: E402
+from terrapatch.testing.onnx_models import segmentation_onnx, unet_onnx  # noqa: E402
 from terrapatch.testing.rasters import write_raster  # noqa: E402
 
 L, T = 500000.0, 4000000.0
@@ -585,3 +585,30 @@ def test_dask_workers_give_the_same_map(data, tmp_path):
     assert ta == tb == TRANSFORM
     np.testing.assert_array_equal(a, b)
     np.testing.assert_allclose(b, data["scores"], rtol=0, atol=TOL)
+
+
+# ---------------------------------------------------------------------------- U-Net
+
+
+@pytest.mark.parametrize("padding", ["reflect", 0])
+@pytest.mark.parametrize("tile", [64, 90])
+def test_unet_with_pooling_equals_whole_image_model(data, tmp_path, padding, tile):
+    """A model that downsamples (pooling, expression field 2) on an odd-sized raster.
+
+    Windows start on the pooling grid and are padded to even sizes past the raster
+    edge, as the whole image padded at its bottom and right edges is: the maps agree
+    on every pixel, borders included.
+    """
+    raw = data["raw"][:, :277, :251]  # odd sizes: the model cannot take the raster as is
+    image = write_raster(tmp_path / "odd.tif", raw, TRANSFORM)
+    model = unet_onnx(tmp_path / "unet.onnx")
+    summary = serve([Source(image)], model, tmp_path / "map.tif", fullyconv=True, tile_size=tile,
+                    normalization=[Normalization(scale=SCALE)], padding=padding, quiet=True)
+    assert summary.geometry.efield == (2, 2) and summary.coverage == "full"
+    assert summary.margin[0] >= 4  # 3×3 conv, pool, 3×3 conv at half resolution, 3×3 conv
+    mode = "reflect" if padding == "reflect" else "constant"
+    padded = np.pad(normalise(raw), ((0, 0), (0, 1), (0, 1)), mode=mode)
+    expected = run_model(model, padded)[:, :277, :251]
+    got, transform, _ = read_map(tmp_path / "map.tif")
+    assert got.shape == expected.shape and transform == TRANSFORM
+    np.testing.assert_allclose(got, expected, rtol=0, atol=TOL)

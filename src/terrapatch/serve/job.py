@@ -554,7 +554,7 @@ def prepare_serve(
         margin_px = given_margin
     elif same_padded and strides is not None and not disable_tiling:
         margin_px = _measured_margin(engine, sources, input_names, outputs, user_inputs,
-                                     strides)
+                                     strides, geometry.efield)
     else:
         margin_px = (0, 0)
 
@@ -645,10 +645,11 @@ def _margin(value: int | Sequence[int] | None) -> tuple[int, int] | None:
 
 def _measured_margin(engine: Engine, sources: Sequence[Source], input_names: Sequence[str],
                      outputs: Sequence[str], user_inputs: Mapping[str, np.ndarray],
-                     strides: Sequence[tuple[int, int]]) -> tuple[int, int]:
+                     strides: Sequence[tuple[int, int]], efield: tuple[int, int]
+                     ) -> tuple[int, int]:
     """The halo of a same-padded model, measured; a warning when it cannot be."""
     halo, problem = measure_halo(engine, input_names, [s.bands for s in sources], outputs,
-                                 user_inputs, strides)
+                                 user_inputs, strides, efield=efield)
     if halo is None and "reached" in problem:
         raise ModelError(
             f"model.dir: the model's output keeps its input size (same padding), but {problem}; "

@@ -360,8 +360,8 @@ HALO_LIMIT = 64
 
 def measure_halo(engine: Engine, input_names: Sequence[str], bands: Sequence[int],
                  outputs: Sequence[str], user_inputs: Mapping[str, np.ndarray],
-                 strides: Sequence[tuple[int, int]], limit: int = HALO_LIMIT
-                 ) -> tuple[int | None, str]:
+                 strides: Sequence[tuple[int, int]], limit: int = HALO_LIMIT,
+                 efield: tuple[int, int] = (1, 1)) -> tuple[int | None, str]:
     """Halo of a same-padded model: how far, in output pixels, one input pixel reaches.
 
     The model runs on a random tensor, then on copies where the centre pixel of one
@@ -369,7 +369,9 @@ def measure_halo(engine: Engine, input_names: Sequence[str], bands: Sequence[int
     round-off) from the centre's position gives the halo. When the change reaches
     the probe's edge, a larger probe follows; if the reach then shrinks, the change
     was spread over the whole probe (global context). Tiles that overlap by the
-    halo and crop it equal the model applied to the whole image.
+    halo and crop it equal the model applied to the whole image. Models that
+    downsample (expression field ``e > 1``, e.g. a U-Net's pooling) are probed at
+    both ends of an ``e``-pixel cell, where their reach differs.
 
     Returns
     -------
@@ -381,7 +383,7 @@ def measure_halo(engine: Engine, input_names: Sequence[str], bands: Sequence[int
     prober = Prober(engine, input_names, bands, outputs, user_inputs)
     rng = np.random.default_rng(0)
     earlier: int | None = None  # the reach of a smaller probe whose edge was reached
-    for side in (64, 16 * -(-(2 * limit + 16) // 16)):
+    for side in (64, 64 * -(-(2 * limit + 16) // 64)):  # multiples of 64: U-Nets
         sizes = [(side * dx, side * dy) for dx, dy in strides]
         base = prober.feed(sizes)
         for name in input_names:
@@ -393,8 +395,9 @@ def measure_halo(engine: Engine, input_names: Sequence[str], bands: Sequence[int
         halo, reached = 0, False
         for name, (dx, dy) in zip(input_names, strides, strict=True):
             _, h, w, _ = base[name].shape
-            cy, cx = h // 2, w // 2
-            for delta in (1.0, -1.0, 4.0):
+            spots = {(w // 2, h // 2),
+                     (w // 2 + dx * efield[0] - 1, h // 2 + dy * efield[1] - 1)}
+            for (cx, cy), delta in product(sorted(spots), (1.0, -1.0, 4.0)):
                 feed = dict(base)
                 changed = base[name].copy()
                 changed[0, cy, cx, :] = changed[0, cy, cx, :] + np.asarray(

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["conv_onnx", "segmentation_onnx", "single_conv_onnx"]
+__all__ = ["conv_onnx", "segmentation_onnx", "single_conv_onnx", "unet_onnx"]
 
 
 def _conv_branch(helper: Any, name: str, bands: int, classes: int, kernel: int,
@@ -147,4 +147,37 @@ def segmentation_onnx(path: str | os.PathLike[str], bands: int = 3, classes: int
     channels_in = bands if static_channels else None
     return _write(path, "terrapatch_test_segmentation", nodes, inits,
                   {name: (TensorProto.FLOAT, [None, channels_in, None, None])},
+                  {output: [None, classes, None, None]})
+
+
+def unet_onnx(path: str | os.PathLike[str], bands: int = 3, classes: int = 4, width: int = 8,
+              seed: int = 0, name: str = "input", output: str = "output") -> Path:
+    """Write a one-level channels-first U-Net ``[N, bands, H, W] → [N, classes, H, W]``.
+
+    Same-padded 3 × 3 convolution, 2 × 2 max pooling, a convolution at half
+    resolution, nearest ×2 upsampling concatenated with the skip connection, a
+    convolution to the classes and a softmax. Its input sizes must be even (the
+    model's expression field is 2); seeded random weights.
+    """
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(seed)
+    shapes = {"w1": (width, bands, 3, 3), "w2": (width, width, 3, 3),
+              "w3": (classes, 2 * width, 3, 3)}
+    inits = [helper.make_tensor(k, TensorProto.FLOAT, shape,
+                                rng.normal(0, 0.3, shape).astype(np.float32).ravel())
+             for k, shape in shapes.items()]
+    inits.append(helper.make_tensor("scales", TensorProto.FLOAT, (4,), [1, 1, 2, 2]))
+    same = [1, 1, 1, 1]
+    nodes = [helper.make_node("Conv", [name, "w1"], ["c1"], pads=same),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("MaxPool", ["r1"], ["p1"], kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Conv", ["p1", "w2"], ["c2"], pads=same),
+             helper.make_node("Relu", ["c2"], ["r2"]),
+             helper.make_node("Resize", ["r2", "", "scales"], ["u2"], mode="nearest"),
+             helper.make_node("Concat", ["r1", "u2"], ["skip"], axis=1),
+             helper.make_node("Conv", ["skip", "w3"], ["c3"], pads=same),
+             helper.make_node("Softmax", ["c3"], [output], axis=1)]
+    return _write(path, "terrapatch_test_unet", nodes, inits,
+                  {name: (TensorProto.FLOAT, [None, bands, None, None])},
                   {output: [None, classes, None, None]})
