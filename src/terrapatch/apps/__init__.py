@@ -21,6 +21,11 @@ REGISTRY: dict[str, str] = {
     "LabelImageSampleSelection": "terrapatch.apps.selection:LabelImageSampleSelection",
     "DensePolygonClassStatistics": "terrapatch.apps.selection:DensePolygonClassStatistics",
     "PolygonSampleSelection": "terrapatch.apps.selection:PolygonSampleSelection",
+    "ComputeConfusionMatrix": "terrapatch.apps.evaluation:ComputeConfusionMatrix",
+    "TrainClassifierFromDeepFeatures":
+        "terrapatch.apps.deepfeatures:TrainClassifierFromDeepFeatures",
+    "ImageClassifierFromDeepFeatures":
+        "terrapatch.apps.deepfeatures:ImageClassifierFromDeepFeatures",
 }
 
 __all__ = ["REGISTRY", "App", "Param", "get_app", *REGISTRY]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,6 +82,13 @@ class TileRunner:
     pad
         How windows reaching past a source's edges are filled (full coverage):
         ``"reflect"``, a constant, or None (windows stay inside the sources).
+
+    Attributes
+    ----------
+    engine_wrappers
+        Picklable callables ``engine → engine`` applied, in order, after the layout by
+        :meth:`adapt` to every engine this runner opens (here or on a Dask worker),
+        e.g. a classical classifier over a model's deep features. Empty by default.
     """
 
     def __init__(self, sources: Sequence[Source], layout: Layout, input_names: Sequence[str],
@@ -104,6 +111,7 @@ class TileRunner:
         self.normalizations = list(normalizations or [None] * len(self.sources))
         self.argmax = argmax
         self.pad = pad
+        self.engine_wrappers: list[Callable[[Engine], Engine]] = []
         self._local = threading.local()
 
     @property
@@ -112,8 +120,11 @@ class TileRunner:
         return len(self.channels) if self.argmax is not None else sum(self.channels)
 
     def adapt(self, engine: Engine) -> Engine:
-        """``engine`` seen with channels-last tensors (wrapped for a channels-first model)."""
-        return with_layout(engine, self.model_layout)
+        """``engine`` seen with channels-last tensors, then through :attr:`engine_wrappers`."""
+        engine = with_layout(engine, self.model_layout)
+        for wrap in self.engine_wrappers:
+            engine = wrap(engine)
+        return engine
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)

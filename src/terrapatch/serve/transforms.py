@@ -100,15 +100,18 @@ def check_normalizations(normalizations: Sequence[Normalization | None] | None,
 
 def normalize(values: np.ndarray, coefficients: tuple[np.ndarray, np.ndarray], axis: int,
               dtype: np.dtype) -> np.ndarray:
-    """``values · a + b`` along the band ``axis``, as ``dtype`` (computed in float32 or wider)."""
+    """``values · a + b`` along the band ``axis``, as ``dtype``.
+
+    Computed in float64 and rounded once to ``dtype``, so that ``x · (1/255)`` gives
+    the float32 of ``x / 255``, as a model's own preprocessing in NumPy does.
+    """
     a, b = coefficients
     shape = [1] * values.ndim
     shape[axis] = a.size
-    work = np.result_type(dtype, np.float32)
-    out = values.astype(work, copy=True)
-    out *= a.astype(work).reshape(shape)
-    out += b.astype(work).reshape(shape)
-    return out if out.dtype == dtype else out.astype(dtype)
+    out = values.astype(np.float64, copy=True)
+    out *= a.reshape(shape)
+    out += b.reshape(shape)
+    return out.astype(dtype, copy=False)
 
 
 @dataclass(frozen=True)
