@@ -124,6 +124,8 @@ STATS = ["DensePolygonClassStatistics", "-in", "{d}/labels_10m.tif", "-vec",
          "{d}/polygons.json", "-field", "class"]
 POLYS = ["PolygonSampleSelection", "-in", "{d}/labels_10m.tif", "-vec", "{d}/polygons.json",
          "-field", "class"]
+CONFUSION = ["ComputeConfusionMatrix", "-in", "{d}/labels_10m.tif", "-ref", "vector",
+             "-ref.vector.in", "{d}/polygons.json", "-ref.vector.field", "class"]
 
 
 def held(name: str) -> Callable[[Path], contextlib.AbstractContextManager[Any]]:
@@ -347,6 +349,24 @@ TRIALS = [
           contains="even number"),
     Trial("demo-folder-is-a-file", ["demo", "{d}/s2_10m.tif"], parameter="outdir",
           contains="is not a folder"),
+    # ComputeConfusionMatrix
+    Trial("confusion-out-is-in", [*CONFUSION, "-out", "{d}/labels_10m.tif"], parameter="out",
+          contains="is also in"),
+    Trial("confusion-out-is-ref", [*CONFUSION, "-out", "{d}/polygons.json"], parameter="out",
+          contains="is also ref.vector.in"),
+    Trial("confusion-txt", [*CONFUSION, "-out", "{d}/m.txt"], parameter="out",
+          contains="a confusion matrix is written as .csv"),
+    Trial("confusion-missing-field", [*CONFUSION[:-1], "klass", "-out", "{d}/m.csv"],
+          parameter="ref.vector.field", contains="'klass' is not a field"),
+    Trial("confusion-locked", [*CONFUSION, "-out", "{d}/m.csv"], parameter="out",
+          contains="another terrapatch run", setup=held("m.csv")),
+    Trial("confusion-proc", [*CONFUSION, "-out", "/proc/m.csv"], parameter="out",
+          contains="cannot write"),
+    Trial("confusion-truncated-map", [*CONFUSION[:2], "{d}/truncated.tif", *CONFUSION[3:],
+                                      "-out", "{d}/m.csv"], parameter="in",
+          contains="cannot read"),
+    Trial("confusion-writes-csv", [*CONFUSION, "-out", "{d}/m.csv"], code=0,
+          contains="absent from ref.vector.in"),
     # 8. what succeeds: dead runs' leftovers are removed, NaN points skipped in one line
     Trial("extract-removes-stale-leftovers", [*EXTRACT, "-source1.out", "{d}/a.tif"], code=0,
           setup=stale),

@@ -7,7 +7,9 @@ patch-based and fully-convolutionally on the same grid:
   (16 × 16 × 4 → 1 × 1, with one 2 × 2 pooling) and a 20 m branch (8 × 8 × 6 → 1 × 1)
   concatenated, then a 1 × 1 softmax classifier;
 * :class:`SingleSourceClassifier`: the 10 m branch alone, the baseline the seed
-  compares the dual-source model with.
+  compares the dual-source model with;
+* :class:`Source20mClassifier`: the 20 m branch alone (the other single-source
+  baseline of the accuracy study).
 
 Inputs are ``input_10m`` / ``input_20m``; outputs ``estimated`` (softmax),
 ``estimated_labels`` (class id) and ``features``.
@@ -90,3 +92,11 @@ class SingleSourceClassifier(_Classifier):
     def get_outputs(self, normalized_inputs: dict[str, Any]) -> dict[str, Any]:
         """The 10 m branch, then the classifier."""
         return classifier_head(branch_10m(normalized_inputs[INPUT_10M]), self.class_nb)
+
+
+class Source20mClassifier(_Classifier):
+    """Baseline: the 20 m branch alone."""
+
+    def get_outputs(self, normalized_inputs: dict[str, Any]) -> dict[str, Any]:
+        """The 20 m branch, then the classifier."""
+        return classifier_head(branch_20m(normalized_inputs[INPUT_20M]), self.class_nb)
