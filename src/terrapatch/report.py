@@ -18,6 +18,7 @@ import rasterio
 from rasterio.enums import Resampling
 
 from terrapatch._optional import require
+from terrapatch.evaluation import ConfusionMatrix
 from terrapatch.writer import atomic_output
 
 #: Default class colours (RGB 0–255), cycled when there are more classes.
@@ -49,30 +50,27 @@ class ClassScores:
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
     """Confusion matrix ``[true, predicted]`` for labels in ``[0, n_classes)``."""
-    t = np.asarray(y_true, dtype=np.int64).ravel()
-    p = np.asarray(y_pred, dtype=np.int64).ravel()
-    ok = (t >= 0) & (t < n_classes) & (p >= 0) & (p < n_classes)
-    return np.bincount(t[ok] * n_classes + p[ok], minlength=n_classes ** 2).reshape(
-        n_classes, n_classes)
+    return _matrix(y_true, y_pred, n_classes).matrix.copy()
+
+
+def _matrix(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> ConfusionMatrix:
+    """:class:`~terrapatch.evaluation.ConfusionMatrix` of the labels in ``[0, n_classes)``."""
+    return ConfusionMatrix.from_arrays(np.asarray(y_true, dtype=np.int64).ravel(),
+                                       np.asarray(y_pred, dtype=np.int64).ravel(),
+                                       labels=range(n_classes))
 
 
 def class_scores(y_true: np.ndarray, y_pred: np.ndarray,
                  class_names: Sequence[str]) -> ClassScores:
-    """Per-class scores of predicted labels against reference labels."""
-    n = len(class_names)
-    cm = confusion_matrix(y_true, y_pred, n).astype(np.float64)
-    tp = np.diag(cm)
-    predicted, support = cm.sum(axis=0), cm.sum(axis=1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        precision = np.where(predicted > 0, tp / predicted, 0.0)
-        recall = np.where(support > 0, tp / support, 0.0)
-        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
-    total = cm.sum()
-    oa = float(tp.sum() / total) if total else 0.0
-    expected = float((predicted * support).sum() / total ** 2) if total else 0.0
-    kappa = (oa - expected) / (1 - expected) if expected < 1 else 0.0
-    return ClassScores(tuple(class_names), cm.astype(np.int64), precision, recall, f1,
-                       support.astype(np.int64), oa, kappa)
+    """Per-class scores of predicted labels against reference labels (0 where 0/0)."""
+    cm = _matrix(y_true, y_pred, len(class_names))
+
+    def zero(values: np.ndarray | float) -> Any:
+        return np.nan_to_num(values, nan=0.0)
+
+    return ClassScores(tuple(class_names), cm.matrix.copy(), zero(cm.precision),
+                       zero(cm.recall), zero(cm.f1), cm.support.copy(),
+                       float(zero(cm.overall_accuracy)), float(zero(cm.kappa)))
 
 
 def scores_table(results: Mapping[str, ClassScores]) -> str:
