@@ -124,6 +124,11 @@ STATS = ["DensePolygonClassStatistics", "-in", "{d}/labels_10m.tif", "-vec",
          "{d}/polygons.json", "-field", "class"]
 POLYS = ["PolygonSampleSelection", "-in", "{d}/labels_10m.tif", "-vec", "{d}/polygons.json",
          "-field", "class"]
+DEEPTRAIN = ["TrainClassifierFromDeepFeatures", "-source1.il", "{d}/s2_10m.tif",
+             "-source1.nodata", "0", "-model.dir", "{d}/single.onnx",
+             "-vd", "{d}/points_train.geojson", "-sample.vfn", "class"]
+DEEPCLASSIFY = ["ImageClassifierFromDeepFeatures", "-source1.il", "{d}/s2_10m.tif",
+                "-deepmodel.dir", "{d}/single.onnx", "-model", "{d}/c.skops"]
 CONFUSION = ["ComputeConfusionMatrix", "-in", "{d}/labels_10m.tif", "-ref", "vector",
              "-ref.vector.in", "{d}/polygons.json", "-ref.vector.field", "class"]
 
@@ -367,6 +372,23 @@ TRIALS = [
           contains="cannot read"),
     Trial("confusion-writes-csv", [*CONFUSION, "-out", "{d}/m.csv"], code=0,
           contains="absent from ref.vector.in"),
+    # TrainClassifierFromDeepFeatures, ImageClassifierFromDeepFeatures
+    Trial("deeptrain-skops-only", [*DEEPTRAIN, "-out", "{d}/c.txt"], parameter="out",
+          contains="a classifier is written as .skops"),
+    Trial("deeptrain-locked", [*DEEPTRAIN, "-out", "{d}/c.skops"], parameter="out",
+          contains="another terrapatch run", setup=held("c.skops")),
+    Trial("deeptrain-polygons", [*DEEPTRAIN[:8], "{d}/polygons.json", *DEEPTRAIN[9:],
+                                 "-out", "{d}/c.skops"], parameter="vd", contains="point"),
+    Trial("deeptrain-writes-classifier", [*DEEPTRAIN, "-out", "{d}/c.skops"], code=0),
+    Trial("deepclassify-out-is-source1", [*DEEPCLASSIFY, "-out", "{d}/s2_10m.tif"],
+          parameter="out", contains="is also source1.il"),
+    Trial("deepclassify-model-not-skops", [*DEEPCLASSIFY[:6], "-model", "{d}/dummy.keras",
+                                           "-out", "{d}/m.tif"], parameter="model",
+          contains="not a skops file"),
+    Trial("deepclassify-model-missing", [*DEEPCLASSIFY, "-out", "{d}/m.tif"],
+          parameter="model", contains="does not exist"),
+    Trial("deepclassify-proc", [*DEEPCLASSIFY, "-out", "/proc/m.tif"], parameter="out",
+          contains="cannot write"),
     # 8. what succeeds: dead runs' leftovers are removed, NaN points skipped in one line
     Trial("extract-removes-stale-leftovers", [*EXTRACT, "-source1.out", "{d}/a.tif"], code=0,
           setup=stale),

@@ -56,6 +56,8 @@ EXTRAS: dict[str, tuple[str, str]] = {
     "tf2onnx": ("tensorflow", "tf2onnx"),
     "onnx": ("tensorflow", "onnx"),
     "matplotlib": ("report", "matplotlib"),
+    "sklearn": ("classical", "scikit-learn"),
+    "skops": ("classical", "skops"),
 }
 
 _log = logging.getLogger("terrapatch")

@@ -54,6 +54,7 @@ OUTPUT_KINDS: dict[str, tuple[str, tuple[str, ...] | None]] = {
     "onnx": ("ONNX model", (".onnx",)),
     "png": ("PNG image", (".png",)),
     "markdown": ("report", (".md",)),
+    "classifier": ("classifier", (".skops",)),
     "folder": ("folder", None),
 }
 #: Files a shapefile is made of, beside its ``.shp``.
