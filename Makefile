@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: install demo test bench lint clean
+.PHONY: install demo test bench accuracy lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,9 +24,13 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py
 
+# The accuracy study on the real data in ../shared/data/real: writes docs/accuracy.md.
+accuracy: $(STAMP)
+	$(PY) benchmarks/accuracy.py --out accuracy_out
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks examples
 	$(VENV)/bin/mypy src/terrapatch
 
 clean:
-	rm -rf demo_out bench_out .pytest_cache .ruff_cache .mypy_cache
+	rm -rf demo_out bench_out accuracy_out .pytest_cache .ruff_cache .mypy_cache

@@ -347,7 +347,8 @@ def raleigh_patches(files: Mapping[str, Any], size: int) -> dict[str, Path]:
     d = files["dir"]
     outs = {"image": d / f"points_{size}.tif", "labels": d / f"labels_{size}.tif"}
     extract_patches([Source(files["image"], size, nodata=-99999.0, name="source1")],
-                    files["points"], "id", [outs["image"]], outs["labels"], quiet=True)
+                    files["points"], "id", [outs["image"]], outs["labels"], reproject=True,
+                    quiet=True)
     return outs
 
 
@@ -449,9 +450,18 @@ def raleigh(study: Study, epochs: int) -> dict[str, Any]:
 
 def deep_features_rf(files: Mapping[str, Any], model: Path, d: Path) -> Any:
     """A random forest on the CNN's deep features at the points, mapping the whole scene."""
-    from terrapatch import deepfeatures
+    from terrapatch.deepfeatures import classify, train_deep_classifier
+    from terrapatch.raster import Source
 
-    raise NotImplementedError(deepfeatures)
+    sources = [Source(files["image"], RALEIGH_RF, nodata=-99999.0, name="source1")]
+    classifier = d / "deep_rf.skops"
+    train_deep_classifier(sources, model, files["points"], "id", classifier,
+                          params={"n_estimators": 200}, seed=0, feature_output="features",
+                          reproject=True, quiet=True)
+    out = d / "map_deep_rf.tif"
+    classify(sources, model, classifier, out, feature_output="features", fullyconv=True,
+             background=255, quiet=True)
+    return wall_to_wall(out, files["strata"])
 
 
 # ============================================================================ report
@@ -539,10 +549,10 @@ def write_report(study: Study, raleigh_results: Mapping[str, Any], path: Path,
         f"{len(study.seeds)} seeds: a difference of {gain:+.3f} with a seed-to-seed spread "
         f"of about {spread:.3f}. The second source **{verdict}** at this sample size.",
         "",
-        "What would change it: more labelled polygons (the classes meadow, farm and grass "
-        "are told apart by crop calendars that one February image cannot show), more "
-        "images in time, and more seeds to narrow the spread. The 20 m bands add the red "
-        "edge and SWIR, which matter most for vegetation classes.",
+        "What would change it: more labelled polygons and more seeds (to narrow the "
+        "spread), more training points per class, and above all more dates: meadow, farm "
+        "and grass differ mostly by their seasonal cycle, which one February image does "
+        "not show (our reading of the per-class scores below, not a measurement).",
         "",
         "## Brandenburg (Sentinel-2 L1C, 10 m + 20 m, OpenStreetMap classes)",
         "",
@@ -589,6 +599,8 @@ def write_report(study: Study, raleigh_results: Mapping[str, Any], path: Path,
         f"{cm.kappa:.3f}.",
         "",
         f"![best map]({best_png.relative_to(path.parent)})",
+        "",
+        "Classes: " + ", ".join(f"{i} {n}" for i, n in enumerate(names)) + ".",
         "",
         "```",
         cm.describe(),
