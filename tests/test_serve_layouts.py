@@ -612,3 +612,14 @@ def test_unet_with_pooling_equals_whole_image_model(data, tmp_path, padding, til
     got, transform, _ = read_map(tmp_path / "map.tif")
     assert got.shape == expected.shape and transform == TRANSFORM
     np.testing.assert_allclose(got, expected, rtol=0, atol=TOL)
+
+
+def test_cli_bad_receptive_field_names_rfieldx(data, tmp_path, capsys):
+    """Serving's sources name their receptive field rfieldx (not extraction's patchsizex)."""
+    code = main(["TensorflowModelServe", "-source1.il", str(data["image"]),
+                 "-source1.rfieldx", "0", "-model.dir", str(data["nchw"]),
+                 "-out", str(tmp_path / "map.tif"), "--quiet"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1
+    assert lines[0].startswith("terrapatch TensorflowModelServe: error: source1.rfieldx: 0")
+    assert not (tmp_path / "map.tif").exists()

@@ -57,7 +57,7 @@ from terrapatch.extraction import ExtractionSummary, extract_patches
 from terrapatch.geometry import check_factor
 from terrapatch.patches import read_patches, read_patches_info
 from terrapatch.progress import logger
-from terrapatch.raster import Source
+from terrapatch.raster import Source, check_sources
 from terrapatch.serve import ServeJob, ServeSummary, derive_geometry, prepare_serve
 from terrapatch.serve.binding import resolve_inputs, resolve_outputs
 from terrapatch.serve.caches import worker_name
@@ -300,12 +300,7 @@ def open_feature_model(
         For an unknown input or output name, a feature output whose rank is neither 4
         nor 2, or one that does not give one vector per patch at the receptive fields.
     """
-    sources = list(sources)
-    if not sources:
-        raise InputError("source1.il: at least one source is required")
-    for s in sources:
-        if not isinstance(s, Source):
-            raise InputError(f"sources: expected terrapatch.Source objects, got {type(s).__name__}")
+    sources = check_sources(sources)
     spcscale = check_factor(spcscale, "output.spcscale")
     _ = [s.grid for s in sources]  # opens every source: missing files fail here
     if engine is None:

@@ -410,6 +410,17 @@ def _stac_spec(text: str) -> tuple[str, list[str]] | None:
     return base, stac.split_keys(keys, parameter=text)
 
 
+def check_sources(sources: Sequence[Source]) -> list[Source]:
+    """The sources as a list, or an input error: none given, or not :class:`Source` objects."""
+    items = list(sources)
+    if not items:
+        raise InputError("source1.il: at least one source is required")
+    for s in items:
+        if not isinstance(s, Source):
+            raise InputError(f"sources: expected terrapatch.Source objects, got {type(s).__name__}")
+    return items
+
+
 class SourceReader:
     """Open handles on a source's files; reads windows as ``(bands, rows, cols)`` arrays.
 

@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 
 from terrapatch.errors import InputError, ParameterError
 from terrapatch.progress import configure_logging, logger
+from terrapatch.raster import Source
 from terrapatch.writer import (
     ExtendedFilename,
     parse_extended_filename,
@@ -425,3 +426,26 @@ def _is_number(token: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def model_sources(app: App) -> list[Source]:
+    """``sourceK.il/rfieldx/rfieldy/nodata/placeholder`` as sources (fields None when not given).
+
+    For the applications that feed a model (TensorflowModelServe, the deep-features
+    applications): errors about the receptive field name ``sourceK.rfieldx``.
+    """
+    sources = []
+    for k in range(1, app.n_sources + 1):
+        il = app.source(k, "il")
+        if not il:
+            continue
+        rx, ry = app.source(k, "rfieldx"), app.source(k, "rfieldy")
+        if rx is None and ry is not None:
+            raise InputError(f"source{k}.rfieldx: missing, but source{k}.rfieldy is given")
+        sources.append(Source(il, patch_size=None if rx is None else (rx, ry or rx),
+                              nodata=app.source(k, "nodata"),
+                              placeholder=app.source(k, "placeholder"), name=f"source{k}",
+                              size_keys=("rfieldx", "rfieldy")))
+    if not sources:
+        raise InputError(f"source1.il: missing mandatory parameter of {app.name}")
+    return sources

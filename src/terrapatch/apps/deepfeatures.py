@@ -13,12 +13,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from terrapatch.apps._base import App, Param
+from terrapatch.apps._base import App, Param, model_sources
 from terrapatch.apps.serve import parse_user_placeholders
 from terrapatch.deepfeatures import TrainSummary, classify, respelled, train_deep_classifier
 from terrapatch.errors import InputError
 from terrapatch.progress import logger
-from terrapatch.raster import Source
 from terrapatch.serve import ServeSummary
 
 _RAM = Param("ram", "int", "accepted for OTB compatibility; ignored")
@@ -60,25 +59,6 @@ _OPTIM = (
           "fully-convolutional, 64 patch-based)"),
     Param("optim.tilesizey", "int", "tile height (default: tilesizex)"),
 )
-
-
-def _sources(app: App) -> list[Source]:
-    """``sourceK.*`` as sources (receptive fields None when not given)."""
-    sources = []
-    for k in range(1, app.n_sources + 1):
-        il = app.source(k, "il")
-        if not il:
-            continue
-        rx, ry = app.source(k, "rfieldx"), app.source(k, "rfieldy")
-        if rx is None and ry is not None:
-            raise InputError(f"source{k}.rfieldx: missing, but source{k}.rfieldy is given")
-        sources.append(Source(il, patch_size=None if rx is None else (rx, ry or rx),
-                              nodata=app.source(k, "nodata"),
-                              placeholder=app.source(k, "placeholder"), name=f"source{k}",
-                              size_keys=("rfieldx", "rfieldy")))
-    if not sources:
-        raise InputError(f"source1.il: missing mandatory parameter of {app.name}")
-    return sources
 
 
 def _spcscale(value: Any) -> Any:
@@ -180,7 +160,7 @@ class TrainClassifierFromDeepFeatures(App):
     def run(self) -> TrainSummary:
         """Sample the features, train the classifier and write it."""
         with respelled({"field": "sample.vfn"}):
-            sources = _sources(self)
+            sources = model_sources(self)
             if self.get("model.tagsets"):
                 logger.info("model.tagsets ignored: the SavedModel's serving signature is used")
             name, params = self.classifier_params()
@@ -253,7 +233,7 @@ class ImageClassifierFromDeepFeatures(App):
                               "API's outputs=('probabilities',)")):
                 if self.values.get(key):
                     raise InputError(f"{key}: not supported ({why})")
-            sources = _sources(self)
+            sources = model_sources(self)
             ex, ey = self.get("output.efieldx"), self.get("output.efieldy")
             if ex is None and ey is not None:
                 raise InputError("output.efieldx: missing, but output.efieldy is given")

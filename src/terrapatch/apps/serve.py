@@ -6,10 +6,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from terrapatch.apps._base import App, Param
+from terrapatch.apps._base import App, Param, model_sources
 from terrapatch.errors import InputError
 from terrapatch.progress import logger
-from terrapatch.raster import Source
 from terrapatch.serve import Normalization, ServeSummary, serve
 
 _NUMERIC = set("-0123456789.")
@@ -152,22 +151,9 @@ class TensorflowModelServe(App):
 
     def run(self) -> ServeSummary:
         """Serve the model."""
-        sources = []
-        normalizations: list[Normalization | None] = []
-        for k in range(1, self.n_sources + 1):
-            il = self.source(k, "il")
-            if not il:
-                continue
-            rx, ry = self.source(k, "rfieldx"), self.source(k, "rfieldy")
-            if rx is None and ry is not None:
-                raise InputError(f"source{k}.rfieldx: missing, but source{k}.rfieldy is given")
-            sources.append(Source(il, patch_size=None if rx is None else (rx, ry or rx),
-                                  nodata=self.source(k, "nodata"),
-                                  placeholder=self.source(k, "placeholder"),
-                                  name=f"source{k}"))
-            normalizations.append(self._normalization(k))
-        if not sources:
-            raise InputError("source1.il: missing mandatory parameter of TensorflowModelServe")
+        sources = model_sources(self)
+        normalizations = [self._normalization(int(s.name[len("source"):]))
+                          for s in sources]
         spcscale = self.get("output.spcscale")
         ex, ey = self.get("output.efieldx"), self.get("output.efieldy")
         if ex is None and ey is not None:

@@ -49,7 +49,7 @@ from terrapatch.geometry import (
     serving_strides,
 )
 from terrapatch.progress import logger
-from terrapatch.raster import Source, is_remote
+from terrapatch.raster import Source, check_sources, is_remote
 from terrapatch.serve import distributed
 from terrapatch.serve.binding import resolve_inputs, resolve_outputs
 from terrapatch.serve.execution import Execution
@@ -463,12 +463,7 @@ def prepare_serve(
     run), measures the halo of a same-padded model, builds the layout and the tile
     plan.
     """
-    sources = list(sources)
-    if not sources:
-        raise InputError("source1.il: at least one source is required")
-    for s in sources:
-        if not isinstance(s, Source):
-            raise InputError(f"sources: expected terrapatch.Source objects, got {type(s).__name__}")
+    sources = check_sources(sources)
     grids = [s.grid for s in sources]  # opens every source: missing/unreadable files fail here
     if engine is None:
         engine = load_engine(model)
