@@ -258,7 +258,7 @@ def train_and_score(kind: str, seed: int, files: Mapping[str, Any], names: Seque
     model = make_model(kind, train.element_spec, class_nb, stats)
     model.compile(loss={TARGET: keras.losses.CategoricalCrossentropy()},
                   optimizer=keras.optimizers.Adam(1e-3))
-    stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=3,
+    stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=5,
                                          restore_best_weights=True)
     start = time.perf_counter()
     history = model.fit(train, epochs=epochs, validation_data=valid, callbacks=[stop],
@@ -488,7 +488,7 @@ def learning_curves(runs: Sequence[Run], png: Path) -> Path:
         ax.plot(epochs, run.loss, color=colours[run.model], linestyle="--", alpha=0.5)
     ax.set_xlabel("epoch")
     ax.set_ylabel("cross-entropy (solid: validation, dashed: training)")
-    ax.set_title("Brandenburg: learning curves, every seed (early stopping, patience 3)")
+    ax.set_title("Brandenburg: learning curves, every seed (early stopping, patience 5)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(png)
@@ -569,7 +569,7 @@ def write_report(study: Study, raleigh_results: Mapping[str, Any], path: Path,
         *[f"| {n} | {bb['train_points'][n]} | {bb['valid_points'][n]} |" for n in names],
         "",
         f"Each model trains with Adam (1e-3), batch 32, at most {args.epochs} epochs, early "
-        "stopping on the validation loss (patience 3, best weights restored), seeds "
+        "stopping on the validation loss (patience 5, best weights restored), seeds "
         f"{', '.join(map(str, study.seeds))}. Scores on the validation points, mean ± std "
         "over the seeds:",
         "",
