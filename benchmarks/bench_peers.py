@@ -74,6 +74,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_light import peak_rss_mib  # whole-process VmHWM, shared
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 PEERS_VENV = HERE / ".peers-venv"
@@ -106,17 +109,6 @@ TOOLS = ("reference", "geodeep", "terrapatch")
 
 
 # ---------------------------------------------------------------- children (one per run)
-
-
-def peak_rss_mib() -> float:
-    """Peak resident memory of this process (``VmHWM``), in MiB; NaN where unknown."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:  # pragma: no cover - not Linux
-        pass
-    return float("nan")
 
 
 def _session(model: str) -> Any:
