@@ -359,7 +359,7 @@ def test_crop_box_errors_and_warning_flag():
 
 
 def test_spacing_ratios_use_the_one_tolerance():
-    from terrapatch.geometry import SNAP_TOLERANCE, serving_strides, spacing_ratios
+    from terrapatch.geometry import SNAP_TOLERANCE, ServingSteps, serving_steps, spacing_ratios
 
     g10, g20, g60 = grid(10, 60), grid(20, 30), grid(60, 10)
     assert spacing_ratios([g10, g20, g60], (60.0, 60.0)) == [(6, 6), (3, 3), (1, 1)]
@@ -368,9 +368,15 @@ def test_spacing_ratios_use_the_one_tolerance():
     assert spacing_ratios([g10, g20], (30.0, 30.0)) is None  # 30 / 20 is not an integer
     assert spacing_ratios([g10, g20], (10.0, 10.0)) is None  # 10 / 20 < 1
     # serving: spcscale 1 on 20 m source 1; patch-based falls back to the coarsest spacing
-    assert serving_strides([g20, g10], 1, True) == [(1, 1), (2, 2)]
-    assert serving_strides([g10, g20], 1, True) is None
-    assert serving_strides([g10, g20], 1, False) == [(2, 2), (1, 1)]
+    assert serving_steps([g20, g10], 1, True) == ServingSteps(((1, 1), (2, 2)))
+    assert serving_steps([g10, g20], 1, False) == ServingSteps(((2, 2), (1, 1)))
+    # fully-convolutional at 10 m over a 20 m source: one unit is two output pixels
+    assert serving_steps([g10, g20], 1, True) == ServingSteps(((2, 2), (1, 1)), (2, 2))
+    # super-resolution: 10 m + 20 m into 2.5 m, one unit = one 20 m pixel = 8 output pixels
+    from fractions import Fraction
+    assert serving_steps([g10, g20], Fraction(1, 4), True) == ServingSteps(
+        ((2, 2), (1, 1)), (8, 8))
+    assert serving_steps([g10, g20], Fraction(1, 4), False) == ServingSteps(((2, 2), (1, 1)))
 
 
 def test_plan_blocks_refuses_empty_blocks():

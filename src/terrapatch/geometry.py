@@ -10,23 +10,30 @@ Source ``i`` is a north-up raster grid with outer corner ``(L_i, T_i)``, pixel
 spacing ``s_i`` and a receptive field (patch size) ``rf_i`` in its own pixels.
 Source 1 (index 0) is the reference.
 
-The *sampling grid* G has spacing ``f · s_1`` (``f`` = ``factor``, a positive
-integer: ``spcscale`` when serving). Its lines are source-1 grid lines, shifted
-by ``offset`` source-1 pixels so that, wherever the other sources' grids nest,
-G's lines are also theirs. A *cell* of G is one output pixel when serving and
-one sample when extracting.
+The *sampling grid* G has spacing ``f · s_1`` (``f`` = ``factor``: ``spcscale``
+when serving). ``f`` is a positive integer ``k`` (coarser output, G's lines are
+source-1 grid lines every ``k`` pixels, shifted by ``offset`` source-1 pixels so that,
+wherever the other sources' grids nest, G's lines are also theirs) or ``1/k``
+(super-resolution: ``k × k`` cells nested in every source-1 pixel, G's lines on
+source-1 grid lines every ``k`` cells). A *cell* of G is one output pixel when
+serving and one sample when extracting (extraction takes integer factors only).
 
-A cell's window centre C is its top-left corner when source 1's receptive field
-spans an even number of cells (``(rf_1 // f) % 2 == 0``), else its centre.
-Source 1's window is the ``rf_1``-pixel window centred on C: with ``f = 1`` it
-starts at ``ref - rf_1 // 2`` (OTBTF's rule, ``ref`` the cell's pixel). Every
-other source takes the ``rf_i``-pixel window centred on C::
+A *block* of ``e`` cells (``e`` the expression field: output pixels a model emits
+per input window) spans ``E = e · f`` source-1 pixels from its first cell's corner
+``ref``. Its window centre, in source-1 pixels, is::
+
+    C = ref + g/2 · ((rf_1 // g) % 2) + (E - g) / 2,     g = max(f, 1)
+
+For one cell with ``f ≥ 1`` this is the cell's corner when source 1's receptive
+field spans an even number of cells, else its centre; with ``f = 1`` source 1's
+window starts at ``ref - rf_1 // 2`` (OTBTF's rule, ``ref`` the cell's pixel). With
+``f = 1/k`` a cell takes the window of the source-1 pixel that contains it, and a
+block of ``e = k·m`` cells (a super-resolution model emitting ``k`` output pixels per
+source-1 pixel) is centred on the ``m`` source-1 pixels it covers. Source 1's window
+is the ``rf_1``-pixel window centred on C; every other source takes the
+``rf_i``-pixel window centred on C::
 
     start_i = floor((C - L_i) / s_i - rf_i / 2 + 0.5)
-
-With an expression field ``e > 1`` (fully-convolutional models that emit
-``e × e`` output pixels per input window), cells are grouped in blocks of
-``e × e`` and a block's window is centred on the mean of its cells' centres.
 
 All computations are done per axis; the y axis uses ``t = -y`` so that both
 axes increase with the pixel index.
@@ -34,8 +41,10 @@ axes increase with the pixel index.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 from functools import cached_property
 from typing import Any
 
@@ -51,6 +60,9 @@ SNAP_TOLERANCE = 1e-6
 #: Output coverage: ``"inset"`` (OTBTF's: every receptive field inside every source) or
 #: ``"full"`` (every pixel of source 1's extent; windows padded past the edges).
 COVERAGES = ("inset", "full")
+#: Largest ``k`` of a super-resolution scale ``1/k``, and largest serving unit (in output
+#: pixels) searched for by :func:`serving_steps`.
+MAX_SCALE_DENOMINATOR = 64
 
 
 def floor_index(values: np.ndarray | float) -> np.ndarray:
@@ -226,7 +238,8 @@ class Layout:
     fields
         Receptive field (patch size) ``(rx, ry)`` per source, in its own pixels.
     factor
-        G spacing in source-1 pixels (``spcscale`` when serving); a positive integer.
+        G spacing in source-1 pixels (``spcscale`` when serving): a positive integer
+        ``k`` or ``1/k`` (a :class:`~fractions.Fraction`, or a float such as 0.25).
     efield
         Expression field ``(ex, ey)``: output pixels emitted per input window.
     factor_key
@@ -235,7 +248,7 @@ class Layout:
 
     grids: tuple[Grid, ...]
     fields: tuple[tuple[int, int], ...]
-    factor: int = 1
+    factor: int | Fraction = 1
     efield: tuple[int, int] = (1, 1)
     factor_key: str = field(default="output.spcscale", compare=False)
     coverage: str = "inset"
@@ -249,7 +262,8 @@ class Layout:
             raise InputError(
                 f"{len(self.grids)} sources but {len(self.fields)} receptive fields given"
             )
-        object.__setattr__(self, "factor", check_factor(self.factor, self.factor_key))
+        object.__setattr__(self, "factor", scale_value(check_spcscale(self.factor,
+                                                                     self.factor_key)))
         for g, (rx, ry) in zip(self.grids, self.fields, strict=True):
             if rx < 1 or ry < 1:
                 raise InputError(f"{g.name}: patch size / receptive field {rx}×{ry} must be ≥ 1")
@@ -273,11 +287,16 @@ class Layout:
         """Offset of G's lines from source-1 pixel 0, in source-1 pixels, per axis."""
         return (self._snap_offset(0), self._snap_offset(1))
 
+    @property
+    def subdivision(self) -> int:
+        """Cells per source-1 pixel along each axis: ``k`` for ``f = 1/k``, else 1."""
+        return Fraction(self.factor).denominator
+
     def _snap_offset(self, dim: int) -> int:
         f = self.factor
         ref = self.grids[0].axis(dim)
         best, best_score = 0, -1
-        for o in range(f):
+        for o in range(max(1, math.floor(f))):
             score = 0
             for g in self.grids[1:]:
                 ax = g.axis(dim)
@@ -292,16 +311,17 @@ class Layout:
     def _centre(self, cells: np.ndarray, dim: int) -> np.ndarray:
         """Window centre C, in source-1 index units, of blocks starting at G cell ``cells``.
 
-        For one cell, C is the cell's top-left corner when source 1's receptive field
-        spans an even number of cells (``rf_1 // f``), else the cell's centre; with
-        ``f = 1`` this is OTBTF's window ``[ref - rf_1 // 2, ref - rf_1 // 2 + rf_1)``.
-        A block of ``e`` cells is centred on the mean of its cells' centres.
+        ``C = ref + g/2 · ((rf_1 // g) % 2) + (E - g) / 2`` with ``g = max(f, 1)`` and
+        ``E = e · f`` (module docstring). With ``f = 1`` this is OTBTF's window
+        ``[ref - rf_1 // 2, ref - rf_1 // 2 + rf_1)``; a block of ``e`` cells is
+        centred on the mean of its cells' centres.
         """
         rf0 = self.fields[0][dim]
         e = self.efield[dim]
         f = self.factor
-        ref = self.offset[dim] + f * cells
-        return ref + 0.5 * f * ((rf0 // f) % 2) + 0.5 * (e - 1) * f
+        g = max(f, 1)
+        ref = self.offset[dim] + cells * float(f)
+        return ref + float(Fraction(g, 2) * ((rf0 // g) % 2) + (e * Fraction(f) - g) / 2)
 
     def window_starts(self, cells: np.ndarray | int, dim: int, source: int) -> np.ndarray:
         """First pixel (col for dim 0, row for dim 1) of ``source``'s window for each block.
@@ -324,15 +344,16 @@ class Layout:
         sx, sy = ref.spacing
         ux = (np.asarray(x, dtype=np.float64) - ref.x0) / sx - self.offset[0]
         uy = (ref.y0 - np.asarray(y, dtype=np.float64)) / sy - self.offset[1]
-        # floor(u / f) == floor(floor(u) / f) for integer f; snapping happens on u.
-        return (np.floor_divide(floor_index(ux), self.factor),
-                np.floor_divide(floor_index(uy), self.factor))
+        f = Fraction(self.factor)
+        # floor(u / f) == floor(floor(u·q) / p) for f = p/q; snapping happens on u·q.
+        return (np.floor_divide(floor_index(ux * f.denominator), f.numerator),
+                np.floor_divide(floor_index(uy * f.denominator), f.numerator))
 
     def cell_transform(self) -> Affine:
         """Transform of G itself (cell ``(0, 0)`` at the top-left)."""
         ref = self.grids[0]
         sx, sy = ref.spacing
-        f = self.factor
+        f = float(self.factor)
         return Affine(f * sx, 0.0, ref.x0 + self.offset[0] * sx,
                       0.0, -f * sy, ref.y0 - self.offset[1] * sy)
 
@@ -358,26 +379,29 @@ class Layout:
         Inset coverage: the cells whose windows lie inside every source, a multiple
         of e (both counts are equal). Full coverage: every cell inside source 1; the
         computed cells round that up to a multiple of e (windows read past the
-        edges are padded).
+        edges are padded). With ``f = 1/k`` the first cell is on a source-1 grid line
+        (a multiple of ``k``), so that blocks of ``k·m`` cells cover whole pixels.
         """
-        f = self.factor
+        f = Fraction(self.factor)
         e = self.efield[dim]
         ref = self.grids[0].axis(dim)
         if self.coverage == "full":
-            count = (ref.size - self.offset[dim]) // f
+            count = math.floor((ref.size - self.offset[dim]) / f)
             if count < 1:
                 raise GeometryError(f"{self.grids[0].name}: smaller than one output pixel of "
                                     f"{f} source pixels")
             return 0, count, -(-count // e) * e
-        lo = (-self.fields[0][dim] - self.offset[dim]) // f - e - 2
-        hi = (ref.size - self.offset[dim]) // f + 2
+        lo = math.floor((-self.fields[0][dim] - self.offset[dim]) / f) - e - 2
+        hi = math.floor((ref.size - self.offset[dim]) / f) + 2
         cells = np.arange(lo, hi + 1, dtype=np.int64)
         ok = np.ones(cells.shape, dtype=bool)
         for i, g in enumerate(self.grids):
             starts = self.window_starts(cells, dim, i)
             size = g.axis(dim).size
             ok &= (starts >= 0) & (starts + self.fields[i][dim] <= size)
-        if not ok.any():
+        valid = cells[ok]
+        on_lines = valid[valid % self.subdivision == 0]
+        if not on_lines.size:
             names = ", ".join(g.name for g in self.grids)
             axis = "x" if dim == 0 else "y"
             raise GeometryError(
@@ -385,8 +409,7 @@ class Layout:
                 f"({names}): the sources do not overlap enough for the receptive fields "
                 f"{[fld[dim] for fld in self.fields]}"
             )
-        valid = cells[ok]
-        first, last = int(valid[0]), int(valid[-1])
+        first, last = int(on_lines[0]), int(valid[-1])
         n_blocks = (last - first) // e + 1
         return first, n_blocks * e, n_blocks * e
 
@@ -520,20 +543,62 @@ def misalignments(grids: Sequence[Grid]) -> list[str]:
     return lines
 
 
-def serving_strides(grids: Sequence[Grid], spcscale: int, fullyconv: bool
-                    ) -> list[tuple[int, int]] | None:
-    """Source pixels per output pixel of each source, per axis, if integers.
+@dataclass(frozen=True)
+class ServingSteps:
+    """The serving unit: the shortest run of output pixels spanning whole source pixels.
 
-    Fully-convolutional: ``spcscale · s_1 / s_i``. Patch-based models see only
-    patches, so their own scale is used when that is not integral: coarsest
-    spacing / ``s_i``.
+    A fully-convolutional model shifted by one unit sees every source shifted by a
+    whole number of its pixels, so its output shifts by whole output pixels.
+
+    Attributes
+    ----------
+    sources
+        Pixels of each source per unit, per axis ``(dx, dy)``.
+    outputs
+        Output pixels per unit, per axis ``(qx, qy)``: 1 unless the output is finer
+        than some source (super-resolution, or a 10 m output over a 20 m source).
+    """
+
+    sources: tuple[tuple[int, int], ...]
+    outputs: tuple[int, int] = (1, 1)
+
+    def input_per_output(self, source: int, dim: int) -> Fraction:
+        """Pixels of ``source`` per output pixel along ``dim``."""
+        return Fraction(self.sources[source][dim], self.outputs[dim])
+
+
+def _unit(grids: Sequence[Grid], spacing: float, dim: int) -> tuple[list[int], int] | None:
+    """Source pixels and output pixels per unit along ``dim``, or None past the search."""
+    for q in range(1, MAX_SCALE_DENOMINATOR + 1):
+        ratios = [q * spacing / g.spacing[dim] for g in grids]
+        if all(_is_integer(r) and round(r) >= 1 for r in ratios):
+            return [round(r) for r in ratios], q
+    return None
+
+
+def serving_steps(grids: Sequence[Grid], spcscale: int | float | Fraction, fullyconv: bool
+                  ) -> ServingSteps | None:
+    """The serving unit of ``grids`` at ``spcscale`` (see :class:`ServingSteps`).
+
+    Fully-convolutional: the shortest run of output pixels (spacing ``spcscale · s_1``)
+    that spans a whole number of every source's pixels. Patch-based models see only
+    patches, so their own scale is used when that unit is not one output pixel:
+    coarsest spacing / ``s_i``. None when no unit of at most
+    :data:`MAX_SCALE_DENOMINATOR` output pixels exists.
     """
     s1 = grids[0].spacing
-    found = spacing_ratios(grids, (spcscale * s1[0], spcscale * s1[1]))
-    if found is None and not fullyconv:
-        coarse = (max(g.spacing[0] for g in grids), max(g.spacing[1] for g in grids))
-        found = spacing_ratios(grids, coarse)
-    return found
+    f = float(spcscale)
+    if not fullyconv:
+        found = spacing_ratios(grids, (f * s1[0], f * s1[1]))
+        if found is None:
+            coarse = (max(g.spacing[0] for g in grids), max(g.spacing[1] for g in grids))
+            found = spacing_ratios(grids, coarse)
+        return None if found is None else ServingSteps(tuple(found))
+    units = [_unit(grids, f * s1[dim], dim) for dim in (0, 1)]
+    if units[0] is None or units[1] is None:
+        return None
+    (dx, qx), (dy, qy) = units
+    return ServingSteps(tuple(zip(dx, dy, strict=True)), (qx, qy))
 
 
 def spcscale_hint(grids: Sequence[Grid]) -> str:
@@ -556,6 +621,74 @@ def check_factor(value: Any, parameter: str = "output.spcscale") -> int:
             "(terrapatch keeps the sampling grid on source-1 grid lines)"
         )
     return int(number)
+
+
+def _scale_number(value: Any) -> float:
+    """``value`` as a float: a number, or a string such as ``"0.25"`` or ``"1/4"``."""
+    if isinstance(value, bool):
+        raise ValueError(value)
+    if isinstance(value, Fraction):
+        return float(value)
+    if isinstance(value, str) and "/" in value:
+        return float(Fraction(value.strip()))
+    return float(value)
+
+
+def _nearest_scales(number: float) -> str:
+    """The valid scales (``k`` or ``1/k``) on either side of an invalid positive number."""
+    if number >= 1:
+        below, above = math.floor(number), math.ceil(number)
+        return f"{below} or {above}"
+    k = 1 / number  # between two integers k0 < k < k0 + 1
+    k0 = min(math.floor(k), MAX_SCALE_DENOMINATOR)
+    candidates = [Fraction(1, k0 + 1), Fraction(1, k0)] if k0 >= 1 else [Fraction(1, 2)]
+    return " or ".join(format_scale(c) for c in candidates)
+
+
+def check_spcscale(value: Any, parameter: str = "output.spcscale") -> Fraction:
+    """Return a serving scale: an integer ``k ≥ 1`` or ``1/k`` (``2 ≤ k ≤ 64``), exactly.
+
+    Floats such as 0.25 or 0.333333 are recognised as ``1/k`` within
+    :data:`SNAP_TOLERANCE` (relative); ``"1/3"`` is accepted too.
+
+    Raises
+    ------
+    InputError
+        Naming ``parameter``, the value and the nearest valid scales otherwise.
+    """
+    try:
+        number = _scale_number(value)
+    except (TypeError, ValueError, ZeroDivisionError):
+        raise InputError(f"{parameter}: {value!r} is not a number (give an integer k, "
+                         "e.g. 2, or 1/k, e.g. 0.5 or 0.25)") from None
+    if not math.isfinite(number) or number <= 0:
+        raise InputError(f"{parameter}: {value!r} must be positive: an integer k (1, 2, …) "
+                         "or 1/k for super-resolution (0.5, 0.25, …)")
+    if number >= 1 - SNAP_TOLERANCE:
+        if _is_integer(number):
+            return Fraction(round(number))
+    else:
+        k = 1 / number
+        if abs(k - round(k)) <= SNAP_TOLERANCE * k and 2 <= round(k) <= MAX_SCALE_DENOMINATOR:
+            return Fraction(1, round(k))
+    raise InputError(
+        f"{parameter}: {value!r} is neither an integer k nor 1/k (the output grid must nest "
+        f"with source 1's); the nearest valid values are {_nearest_scales(number)}"
+    )
+
+
+def scale_value(scale: Fraction | int) -> int | Fraction:
+    """A checked scale as an ``int`` when whole (extraction, coarse serving), else a Fraction."""
+    fraction = Fraction(scale)
+    return int(fraction) if fraction.denominator == 1 else fraction
+
+
+def format_scale(scale: Fraction | int | float) -> str:
+    """A scale as users write it: ``2``, ``0.25``, ``0.333333`` (for 1/3)."""
+    fraction = Fraction(scale).limit_denominator(MAX_SCALE_DENOMINATOR)
+    if fraction.denominator == 1:
+        return str(fraction.numerator)
+    return f"{float(fraction):.6g}"
 
 
 def crop_box(box: Sequence[int] | None, width: int, height: int) -> tuple[Box, bool]:

@@ -46,7 +46,7 @@ from rasterio.errors import RasterioError, RasterioIOError
 from rasterio.windows import Window
 
 from terrapatch.errors import GeometryError, InputError, MissingInputError, NoSamplesError
-from terrapatch.geometry import Grid, Layout, crs_label
+from terrapatch.geometry import Grid, Layout, check_factor, crs_label
 from terrapatch.progress import logger, progress_bar
 from terrapatch.raster import is_remote, nodata_mask
 from terrapatch.vector import read_layers, write_points
@@ -640,7 +640,8 @@ def select_patches(
     if label_info is not None:
         _check_same_grid(info, label_info)
 
-    layout = Layout((grid,), ((px, py),), factor=factor, factor_key="grid.factor")
+    layout = Layout((grid,), ((px, py),), factor=check_factor(factor, "grid.factor"),
+                    factor_key="grid.factor")
     cx, sx = _on_sampling_grid(layout, candidate_starts(width, px, stx, ox), 0)
     cy, sy = _on_sampling_grid(layout, candidate_starts(height, py, sty, oy), 1)
     if len(sx) == 0 or len(sy) == 0:

@@ -118,8 +118,8 @@ class TensorflowModelServe(App):
               "serving signature is used)"),
         Param("output.names", "strs", "model outputs stacked as bands "
               "(default: first output in alphabetical order)"),
-        Param("output.spcscale", "float", "output spacing in source-1 pixels (integer)",
-              default=1.0),
+        Param("output.spcscale", "float", "output spacing in source-1 pixels: an integer k, "
+              "or 1/k (0.5, 0.25) for super-resolution", default=1.0),
         Param("output.efieldx", "int", "expression field width (default: derived from the "
               "model in fully-convolutional mode, 1 otherwise)"),
         Param("output.efieldy", "int", "expression field height (default: efieldx)"),

@@ -30,7 +30,7 @@ from terrapatch.extraction.reading import (
 )
 from terrapatch.extraction.shards import extract_shards, shard_folder
 from terrapatch.extraction.writing import Writing, write_outputs
-from terrapatch.geometry import Layout, extraction_factor, misalignments
+from terrapatch.geometry import Layout, check_factor, extraction_factor, misalignments
 from terrapatch.progress import logger
 from terrapatch.raster import Source
 from terrapatch.vector import PointSet, read_points, write_points
@@ -240,7 +240,8 @@ def extract_patches(
     with claim_outputs(planned, inputs) as claims:
         grids = [s.grid for s in sources]
         layout = Layout(tuple(grids), tuple(s.patch_size for s in sources),  # type: ignore[misc]
-                        factor=factor if factor is not None else extraction_factor(grids),
+                        factor=(check_factor(factor, "grid.factor") if factor is not None
+                                else extraction_factor(grids)),
                         factor_key="grid.factor")
         for line in misalignments(grids):
             logger.warning("%s", line)

@@ -24,6 +24,7 @@ import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -41,12 +42,14 @@ from terrapatch.geometry import (
     Grid,
     Layout,
     Tile,
+    ServingSteps,
     align_size,
-    check_factor,
+    check_spcscale,
     crop_box,
     misalignments,
     plan_tiles,
-    serving_strides,
+    scale_value,
+    serving_steps,
 )
 from terrapatch.progress import logger
 from terrapatch.raster import Source, check_sources, is_remote
@@ -309,7 +312,7 @@ class ServeJob:
         runner = self.runner
         parameters = {
             "fields": self.geometry.fields, "efield": self.geometry.efield,
-            "spcscale": self.geometry.spcscale, "fullyconv": runner.fullyconv,
+            "spcscale": float(self.geometry.spcscale), "fullyconv": runner.fullyconv,
             "inputs": runner.input_names, "outputs": runner.output_names,
             "user_inputs": {k: np.asarray(v).tolist() for k, v in runner.user_inputs.items()},
             "box": self.box, "tile_size": self.tile_size, "margin": self.margin,
@@ -440,7 +443,7 @@ def prepare_serve(
     model: Any,
     output_names: Sequence[str] | str | None = None,
     fullyconv: bool = False,
-    spcscale: int = 1,
+    spcscale: float | Fraction = 1,
     efield: int | Sequence[int] | None = None,
     tile_size: int | Sequence[int] | None = None,
     box: Sequence[int] | None = None,
@@ -483,7 +486,7 @@ def prepare_serve(
                          "applies to the highest class score)")
     post = Argmax(threshold, below_threshold) if argmax else None
     given_margin = _margin(margin)
-    spcscale = check_factor(spcscale, "output.spcscale")
+    spcscale = scale_value(check_spcscale(spcscale, "output.spcscale"))
     ef = _pair(efield, "output.efield")
     if not fullyconv and ef not in (None, (1, 1)):
         raise InputError(
@@ -524,10 +527,10 @@ def prepare_serve(
         derived = True
         logger.info("geometry derived from the model: %s", geometry.describe(names))
 
-    strides = serving_strides(grids, spcscale, fullyconv)
-    same_padded = bool(fullyconv and strides is not None and all(
-        rf[d] == step[d] * geometry.efield[d]
-        for rf, step in zip(geometry.fields, strides, strict=True) for d in (0, 1)))
+    steps = serving_steps(grids, spcscale, fullyconv)
+    same_padded = bool(fullyconv and steps is not None and all(
+        rf[d] * steps.outputs[d] == step[d] * geometry.efield[d]
+        for rf, step in zip(geometry.fields, steps.sources, strict=True) for d in (0, 1)))
     if coverage is None:
         coverage = "full" if same_padded else "inset"
     layout = Layout(tuple(grids), geometry.fields, factor=spcscale, efield=geometry.efield,
@@ -547,9 +550,9 @@ def prepare_serve(
                         pad=pad if coverage == "full" else None)
     if given_margin is not None:
         margin_px = given_margin
-    elif same_padded and strides is not None and not disable_tiling:
+    elif same_padded and steps is not None and not disable_tiling:
         margin_px = _measured_margin(engine, sources, input_names, outputs, user_inputs,
-                                     strides, geometry.efield)
+                                     steps, geometry.efield)
     else:
         margin_px = (0, 0)
 
@@ -640,11 +643,11 @@ def _margin(value: int | Sequence[int] | None) -> tuple[int, int] | None:
 
 def _measured_margin(engine: Engine, sources: Sequence[Source], input_names: Sequence[str],
                      outputs: Sequence[str], user_inputs: Mapping[str, np.ndarray],
-                     strides: Sequence[tuple[int, int]], efield: tuple[int, int]
+                     steps: ServingSteps, efield: tuple[int, int]
                      ) -> tuple[int, int]:
     """The halo of a same-padded model, measured; a warning when it cannot be."""
     halo, problem = measure_halo(engine, input_names, [s.bands for s in sources], outputs,
-                                 user_inputs, strides, efield=efield)
+                                 user_inputs, steps, efield=efield)
     if halo is None and "reached" in problem:
         raise ModelError(
             f"model.dir: the model's output keeps its input size (same padding), but {problem}; "
@@ -692,7 +695,7 @@ def serve(
     out: str | os.PathLike[str],
     output_names: Sequence[str] | str | None = None,
     fullyconv: bool = False,
-    spcscale: int = 1,
+    spcscale: float | Fraction = 1,
     efield: int | Sequence[int] | None = None,
     tile_size: int | Sequence[int] | None = None,
     box: Sequence[int] | None = None,
@@ -745,7 +748,10 @@ def serve(
     fullyconv
         Fully-convolutional mode: one tensor per source per tile; else patch-based.
     spcscale
-        Output spacing in source-1 pixels (positive integer).
+        Output spacing in source-1 pixels: an integer ``k`` (coarser output) or ``1/k``
+        (super-resolution: 0.5, 0.25, ``Fraction(1, 3)``; output pixels nested ``k × k``
+        in every source-1 pixel). Other values are an error naming the nearest valid
+        ones.
     efield
         Expression field ``ex`` or ``(ex, ey)`` (fully-convolutional mode); None:
         derived from the model (1 in patch-based mode).

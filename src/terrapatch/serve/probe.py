@@ -14,13 +14,21 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from itertools import product
 
 import numpy as np
 
 from terrapatch.engines import Engine, ModelRunError
 from terrapatch.errors import ModelError
-from terrapatch.geometry import Grid, Layout, serving_strides, spcscale_hint
+from terrapatch.geometry import (
+    Grid,
+    Layout,
+    ServingSteps,
+    format_scale,
+    serving_steps,
+    spcscale_hint,
+)
 from terrapatch.raster import Source
 
 __all__ = [
@@ -46,19 +54,20 @@ class ModelGeometry:
     efield
         ``(ex, ey)`` output pixels per input window.
     spcscale
-        Output spacing in source-1 pixels.
+        Output spacing in source-1 pixels: an integer, or ``1/k`` (a Fraction) for
+        super-resolution.
     """
 
     fields: tuple[tuple[int, int], ...]
     efield: tuple[int, int]
-    spcscale: int
+    spcscale: int | Fraction
 
     def describe(self, names: Sequence[str]) -> str:
         """OTBTF parameter spelling, e.g. ``source1.rfieldx/y=8/8, ..., output.spcscale=1``."""
         parts = [f"{n}.rfieldx/y={rx}/{ry}" for n, (rx, ry) in zip(names, self.fields,
                                                                    strict=True)]
         parts.append(f"output.efieldx/y={self.efield[0]}/{self.efield[1]}")
-        parts.append(f"output.spcscale={self.spcscale}")
+        parts.append(f"output.spcscale={format_scale(self.spcscale)}")
         return ", ".join(parts)
 
 
@@ -138,9 +147,11 @@ class _NoGeometry(Exception):
     """Derivation failed; the message says why."""
 
 
-def _derive(prober: Prober, strides: Sequence[tuple[int, int]],
+def _derive(prober: Prober, steps: ServingSteps,
             static: Sequence[tuple[int | None, int | None]], fullyconv: bool,
-            spcscale: int) -> ModelGeometry:
+            spcscale: int | Fraction) -> ModelGeometry:
+    strides = steps.sources
+    qx, qy = steps.outputs
     n = len(strides)
     if all(w is not None and h is not None for w, h in static):
         sizes = [(int(w), int(h)) for w, h in static]  # type: ignore[arg-type]
@@ -180,22 +191,33 @@ def _derive(prober: Prober, strides: Sequence[tuple[int, int]],
                     minimal[i] = smaller
                 else:
                     break
-    # Expression field: smallest output increment the model accepts.
+    # Expression field: smallest output increment the model accepts, in serving units
+    # (one unit of input per source gives q output pixels).
     efield = None
     for j in range(1, 65):
         trial = [(w + dx * j, h + dy * j) for (w, h), (dx, dy) in zip(minimal, strides,
                                                                         strict=True)]
-        if prober(trial) == (m0[0] + j, m0[1] + j):
-            efield = j
+        grown = prober(trial)
+        if grown == (m0[0] + qx * j, m0[1] + qy * j):
+            efield = (qx * j, qy * j)
             break
+        if grown is not None and grown != m0 and steps.outputs == (1, 1):
+            ratio = Fraction(grown[0] - m0[0], j)
+            if ratio.denominator == 1 and ratio > 1:
+                raise _NoGeometry(
+                    f"the model emits {ratio} output pixels per input pixel, finer than "
+                    f"output.spcscale={format_scale(spcscale)} (a super-resolution model? try "
+                    f"output.spcscale={format_scale(Fraction(spcscale) / ratio)})")
     if efield is None:
         raise _NoGeometry("the model accepts no larger input in the ratio of the spacings")
     if not fullyconv:
-        efield = 1
+        efield = (1, 1)
     fields = []
     for (w, h), (dx, dy) in zip(minimal, strides, strict=True):
-        rx = w - dx * m0[0] + dx * efield
-        ry = h - dy * m0[1] + dy * efield
+        span = [(m0[0] - efield[0]) * dx, (m0[1] - efield[1]) * dy]
+        if span[0] % qx or span[1] % qy:
+            raise _NoGeometry("the model's output does not fall on whole source pixels")
+        rx, ry = w - span[0] // qx, h - span[1] // qy
         if rx < 1 or ry < 1:
             raise _NoGeometry("the model's output is larger than its input allows")
         fields.append((rx, ry))
@@ -204,18 +226,21 @@ def _derive(prober: Prober, strides: Sequence[tuple[int, int]],
             f"patches of {[f'{rx}×{ry}' for rx, ry in fields]} pixels do not give one output "
             "pixel each (is the model fully convolutional only?)"
         )
-    return ModelGeometry(tuple(fields), (efield, efield), spcscale)
+    return ModelGeometry(tuple(fields), efield, spcscale)
 
 
 def derive_geometry(engine: Engine, sources: Sequence[Source], input_names: Sequence[str],
-                    output_names: Sequence[str], fullyconv: bool, spcscale: int = 1,
+                    output_names: Sequence[str], fullyconv: bool,
+                    spcscale: int | Fraction = 1,
                     user_inputs: Mapping[str, np.ndarray] | None = None) -> ModelGeometry:
     """Derive receptive fields and expression field from the model.
 
     The model is run on zero inputs whose sizes keep the ratio of the source
-    spacings (source ``i`` gets ``spcscale · s1 / s_i`` pixels per output pixel); the
-    smallest sizes that give ``m`` output pixels, and the smallest output increment
-    the model accepts, give ``rf_i`` and the expression field. Patch-based models with
+    spacings (source ``i`` gets ``spcscale · s1 / s_i`` pixels per output pixel, in
+    whole serving units: :func:`~terrapatch.geometry.serving_steps`); the smallest
+    sizes that give ``m`` output pixels, and the smallest output increment the model
+    accepts, give ``rf_i`` and the expression field (``k·j`` output pixels for a
+    super-resolution model at ``spcscale = 1/k``). Patch-based models with
     a static input size use it. Rows and columns are assumed to behave alike.
 
     Raises
@@ -224,24 +249,25 @@ def derive_geometry(engine: Engine, sources: Sequence[Source], input_names: Sequ
         If no consistent geometry is found; the message says what was tried.
     """
     grids = [s.grid for s in sources]
-    strides = serving_strides(grids, spcscale, fullyconv)
+    steps = serving_steps(grids, spcscale, fullyconv)
     names = [s.name for s in sources]
-    if strides is None:
+    if steps is None:
         spacings = ", ".join(f"{n} {g.spacing[0]:g}" for n, g in zip(names, grids, strict=True))
         raise ModelError(
-            f"output.spcscale: cannot derive receptive fields with spcscale={spcscale}: the "
-            f"source spacings ({spacings}) are not integer divisions of the output spacing "
-            f"{spcscale * grids[0].spacing[0]:g}; {spcscale_hint(grids)}"
+            f"output.spcscale: cannot derive receptive fields with "
+            f"spcscale={format_scale(spcscale)}: the source spacings ({spacings}) and the "
+            f"output spacing {float(spcscale) * grids[0].spacing[0]:g} have no common "
+            f"multiple of a few pixels; {spcscale_hint(grids)}"
         )
     prober = Prober(engine, input_names, [s.bands for s in sources], output_names,
                      user_inputs or {})
     static = [_static_hw(engine, n) for n in input_names]
     try:
-        return _derive(prober, strides, static, fullyconv, spcscale)
+        return _derive(prober, steps, static, fullyconv, spcscale)
     except _NoGeometry as exc:
         raise ModelError(
             f"model.dir: cannot derive the receptive fields from the model {engine.path} "
-            f"with output.spcscale={spcscale}: {exc}; give sourceK.rfieldx/y "
+            f"with output.spcscale={format_scale(spcscale)}: {exc}; give sourceK.rfieldx/y "
             "(and output.efieldx/y)"
         ) from None
 
@@ -254,11 +280,12 @@ def _static_hw(engine: Engine, name: str) -> tuple[int | None, int | None]:
 
 
 def _suggest(engine: Engine, sources: Sequence[Source], input_names: Sequence[str],
-             output_names: Sequence[str], fullyconv: bool, spcscale: int,
+             output_names: Sequence[str], fullyconv: bool, spcscale: int | Fraction,
              user_inputs: Mapping[str, np.ndarray]) -> str:
     """A sentence suggesting consistent rf/ef/spcscale values, derived from the model."""
     names = [s.name for s in sources]
-    scales = [spcscale] + ([f for f in (1, 2, 3, 4, 6, 8) if f != spcscale] if fullyconv else [])
+    others = [Fraction(f) for f in (1, 2, 3, 4, 6, 8)] + [Fraction(1, k) for k in (2, 3, 4, 8)]
+    scales = [Fraction(spcscale)] + ([f for f in others if f != spcscale] if fullyconv else [])
     for f in scales:
         try:
             geometry = derive_geometry(engine, sources, input_names, output_names, fullyconv,
@@ -270,21 +297,23 @@ def _suggest(engine: Engine, sources: Sequence[Source], input_names: Sequence[st
 
 
 def efield_for_fields(grids: Sequence[Grid], fields: Sequence[tuple[int, int]],
-                       found: ModelGeometry, spcscale: int) -> tuple[int, int] | None:
+                       found: ModelGeometry, spcscale: int | Fraction
+                       ) -> tuple[int, int] | None:
     """Expression field matching given receptive fields, from a derived geometry.
 
     The model's context is ``rf - d·e`` for every consistent (rf, e), with ``d`` the
     source pixels per output pixel; None unless all sources agree.
     """
-    strides = serving_strides(grids, spcscale, True)
-    if strides is None:
+    steps = serving_steps(grids, spcscale, True)
+    if steps is None:
         return None
     result = []
     for dim in (0, 1):
         values = set()
-        for rf, rf_found, d in zip(fields, found.fields, strides, strict=True):
-            num = rf[dim] - rf_found[dim] + d[dim] * found.efield[dim]
-            values.add(num // d[dim] if num % d[dim] == 0 else -1)
+        for i, (rf, rf_found) in enumerate(zip(fields, found.fields, strict=True)):
+            d = steps.input_per_output(i, dim)
+            e = (rf[dim] - rf_found[dim]) / d + found.efield[dim]
+            values.add(int(e) if e.denominator == 1 else -1)
         if len(values) != 1 or min(values) < 1:
             return None
         result.append(values.pop())
@@ -360,7 +389,7 @@ HALO_LIMIT = 64
 
 def measure_halo(engine: Engine, input_names: Sequence[str], bands: Sequence[int],
                  outputs: Sequence[str], user_inputs: Mapping[str, np.ndarray],
-                 strides: Sequence[tuple[int, int]], limit: int = HALO_LIMIT,
+                 steps: ServingSteps, limit: int = HALO_LIMIT,
                  efield: tuple[int, int] = (1, 1)) -> tuple[int | None, str]:
     """Halo of a same-padded model: how far, in output pixels, one input pixel reaches.
 
@@ -381,6 +410,7 @@ def measure_halo(engine: Engine, input_names: Sequence[str], bands: Sequence[int
         halo beyond ``limit``, e.g. global pooling or attention).
     """
     prober = Prober(engine, input_names, bands, outputs, user_inputs)
+    strides, (qx, qy) = steps.sources, steps.outputs
     rng = np.random.default_rng(0)
     earlier: int | None = None  # the reach of a smaller probe whose edge was reached
     for side in (64, 64 * -(-(2 * limit + 16) // 64)):  # multiples of 64: U-Nets
@@ -395,8 +425,8 @@ def measure_halo(engine: Engine, input_names: Sequence[str], bands: Sequence[int
         halo, reached = 0, False
         for name, (dx, dy) in zip(input_names, strides, strict=True):
             _, h, w, _ = base[name].shape
-            spots = {(w // 2, h // 2),
-                     (w // 2 + dx * efield[0] - 1, h // 2 + dy * efield[1] - 1)}
+            spots = {(w // 2, h // 2), (w // 2 + max(1, dx * efield[0] // qx) - 1,
+                                        h // 2 + max(1, dy * efield[1] // qy) - 1)}
             for (cx, cy), delta in product(sorted(spots), (1.0, -1.0, 4.0)):
                 feed = dict(base)
                 changed = base[name].copy()
@@ -405,7 +435,7 @@ def measure_halo(engine: Engine, input_names: Sequence[str], bands: Sequence[int
                 feed[name] = changed
                 result = engine.run(feed, outputs)
                 for key in outputs:
-                    reach = _reach(reference[key], result[key], cx / dx, cy / dy)
+                    reach = _reach(reference[key], result[key], cx * qx / dx, cy * qy / dy)
                     if reach is None:
                         continue
                     halo = max(halo, reach[0])

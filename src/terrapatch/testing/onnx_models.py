@@ -7,7 +7,9 @@ at twice the spacing), the two are added and a ReLU gives ``[N, H-k+1, W-k+1,
 classes]``. Weights are seeded, so the model's values can be compared across
 runs and processes. :func:`segmentation_onnx` writes the shape most of the field
 exports from PyTorch: channels first ``[N, C, H, W]``, a stack of 3 × 3
-convolutions (same-padded, or valid) and a softmax over the classes. Needs the
+convolutions (same-padded, or valid) and a softmax over the classes. :func:`super_resolution_onnx` writes a
+super-resolution model: per source a valid 3 × 3 convolution and a pixel shuffle
+(``DepthToSpace``) by that source's factor, the sources added. Needs the
 ``onnx`` package (the ``tensorflow`` extra).
 """
 
@@ -19,7 +21,13 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["conv_onnx", "segmentation_onnx", "single_conv_onnx", "unet_onnx"]
+__all__ = [
+    "conv_onnx",
+    "segmentation_onnx",
+    "single_conv_onnx",
+    "super_resolution_onnx",
+    "unet_onnx",
+]
 
 
 def _conv_branch(helper: Any, name: str, bands: int, classes: int, kernel: int,
@@ -181,3 +189,43 @@ def unet_onnx(path: str | os.PathLike[str], bands: int = 3, classes: int = 4, wi
     return _write(path, "terrapatch_test_unet", nodes, inits,
                   {name: (TensorProto.FLOAT, [None, bands, None, None])},
                   {output: [None, classes, None, None]})
+
+
+def super_resolution_onnx(path: str | os.PathLike[str], bands: tuple[int, ...] = (4,),
+                          factors: tuple[int, ...] = (4,), channels: int = 4, seed: int = 0,
+                          names: tuple[str, ...] = ("input",), output: str = "output") -> Path:
+    """Write a channels-last super-resolution model; return its path.
+
+    Source ``i`` (``[N, H_i, W_i, bands[i]]``, float32) goes through a valid 3 × 3
+    convolution to ``channels · factors[i]²`` maps and a pixel shuffle by
+    ``factors[i]``: ``[N, factors[i]·(H_i - 2), factors[i]·(W_i - 2), channels]``. The
+    sources' outputs are added, so they must agree: one source at ``spcscale = 1/k``
+    with ``factors = (k,)``, or 10 m + 20 m into 5 m with ``factors = (2, 4)``. Each
+    output pixel depends on the 3 × 3 source pixels around the one containing it
+    (receptive field ``m + 2`` source pixels for ``k·m`` output pixels).
+    """
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(seed)
+    nodes: list[Any] = []
+    inits: list[Any] = []
+    branches = []
+    for name, b, k in zip(names, bands, factors, strict=True):
+        weights = rng.normal(0, 0.3, (channels * k * k, b, 3, 3)).astype(np.float32)
+        inits.append(helper.make_tensor(f"{name}_w", TensorProto.FLOAT, weights.shape,
+                                        weights.ravel()))
+        nodes.append(helper.make_node("Transpose", [name], [f"{name}_nchw"], perm=[0, 3, 1, 2]))
+        nodes.append(helper.make_node("Conv", [f"{name}_nchw", f"{name}_w"], [f"{name}_conv"],
+                                      kernel_shape=[3, 3]))
+        nodes.append(helper.make_node("DepthToSpace", [f"{name}_conv"], [f"{name}_sr"],
+                                      blocksize=k, mode="CRD"))
+        branches.append(f"{name}_sr")
+    total = branches[0]
+    for i, other in enumerate(branches[1:]):
+        nodes.append(helper.make_node("Add", [total, other], [f"sum{i}"]))
+        total = f"sum{i}"
+    nodes.append(helper.make_node("Transpose", [total], [output], perm=[0, 2, 3, 1]))
+    return _write(path, "terrapatch_test_super_resolution", nodes, inits,
+                  {n: (TensorProto.FLOAT, [None, None, None, b])
+                   for n, b in zip(names, bands, strict=True)},
+                  {output: [None, None, None, channels]})
