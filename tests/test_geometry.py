@@ -11,6 +11,7 @@ from rasterio.crs import CRS
 
 from terrapatch.errors import CRSMismatchError, GeometryError, InputError
 from terrapatch.geometry import Grid, Layout, extraction_factor, floor_index
+from terrapatch.testing.strategies import nested_sources
 
 L, T = 500000.0, 4000000.0
 
@@ -169,30 +170,6 @@ def test_no_overlap_is_an_error():
 
 
 # ---------------------------------------------------------------- invariants (property tests)
-
-
-@st.composite
-def nested_sources(draw):
-    """2–3 sources on nested grids with equal physical patch extent (I1's hypotheses)."""
-    base = draw(st.sampled_from([2, 3]))
-    unit = draw(st.sampled_from([0.5, 1.0, 10.0, 28.5, 30.0]))
-    n = draw(st.integers(2, 3))
-    powers = [draw(st.integers(0, 2)) for _ in range(n)]
-    extent_cells = draw(st.integers(1, 4)) * base ** max(powers)  # patch extent, in units
-    corner_x = draw(st.integers(-5, 5)) * base ** 2 * unit + 300000.0
-    corner_y = draw(st.integers(-5, 5)) * base ** 2 * unit + 5000000.0
-    grids, fields = [], []
-    size_units = draw(st.integers(4, 10)) * extent_cells
-    for i, p in enumerate(powers):
-        k = base ** p
-        shift_x, shift_y = draw(st.integers(0, 3)), draw(st.integers(0, 3))
-        x0 = corner_x + shift_x * k * unit
-        y0 = corner_y - shift_y * k * unit
-        width = size_units // k + draw(st.integers(0, 3))
-        height = size_units // k + draw(st.integers(0, 3))
-        grids.append(grid(k * unit, width, height, x0, y0, name=f"s{i + 1}"))
-        fields.append((extent_cells // k, extent_cells // k))
-    return grids, fields
 
 
 def serving_layout(grids, fields):

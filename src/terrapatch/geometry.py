@@ -330,9 +330,14 @@ class Layout:
         the expression field is 1).
         """
         centre = self._centre(np.asarray(cells, dtype=np.int64), dim)
-        rf = self.fields[source][dim]
+        rf0 = self.fields[0][dim]
+        first = floor_index(centre - rf0 / 2 + 0.5)
         if source == 0:
-            return floor_index(centre - rf / 2 + 0.5)
+            return first
+        # Other sources centre on source 1's window itself: where C is not its exact
+        # centre (a block of e > 1 cells with an even field), they still cover its ground.
+        centre = first + rf0 / 2
+        rf = self.fields[source][dim]
         ref = self.grids[0].axis(dim)
         ax = self.grids[source].axis(dim)
         world = ref.origin + centre * ref.spacing
@@ -401,6 +406,11 @@ class Layout:
             ok &= (starts >= 0) & (starts + self.fields[i][dim] <= size)
         valid = cells[ok]
         on_lines = valid[valid % self.subdivision == 0]
+        if e > 1 and len(self.grids) > 1 and on_lines.size > 1:
+            # Blocks of e cells start where most sources have a grid line, so that a
+            # block spans whole pixels of every nested source.
+            candidates = on_lines[:MAX_SCALE_DENOMINATOR * self.subdivision]
+            on_lines = on_lines[int(np.argmax(self._lines_through(candidates, dim))):]
         if not on_lines.size:
             names = ", ".join(g.name for g in self.grids)
             axis = "x" if dim == 0 else "y"
@@ -412,6 +422,17 @@ class Layout:
         first, last = int(on_lines[0]), int(valid[-1])
         n_blocks = (last - first) // e + 1
         return first, n_blocks * e, n_blocks * e
+
+    def _lines_through(self, cells: np.ndarray, dim: int) -> np.ndarray:
+        """How many of the other sources have a grid line at the corner of each cell."""
+        ref = self.grids[0].axis(dim)
+        world = ref.origin + (self.offset[dim] + cells * float(self.factor)) * ref.spacing
+        count = np.zeros(cells.shape, dtype=np.int64)
+        for g in self.grids[1:]:
+            ax = g.axis(dim)
+            u = (world - ax.origin) / ax.spacing
+            count += np.abs(u - np.rint(u)) <= SNAP_TOLERANCE
+        return count
 
     @cached_property
     def _cells(self) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
@@ -594,10 +615,10 @@ def serving_steps(grids: Sequence[Grid], spcscale: int | float | Fraction, fully
             coarse = (max(g.spacing[0] for g in grids), max(g.spacing[1] for g in grids))
             found = spacing_ratios(grids, coarse)
         return None if found is None else ServingSteps(tuple(found))
-    units = [_unit(grids, f * s1[dim], dim) for dim in (0, 1)]
-    if units[0] is None or units[1] is None:
+    along_x, along_y = _unit(grids, f * s1[0], 0), _unit(grids, f * s1[1], 1)
+    if along_x is None or along_y is None:
         return None
-    (dx, qx), (dy, qy) = units
+    (dx, qx), (dy, qy) = along_x, along_y
     return ServingSteps(tuple(zip(dx, dy, strict=True)), (qx, qy))
 
 
@@ -648,8 +669,8 @@ def _nearest_scales(number: float) -> str:
 def check_spcscale(value: Any, parameter: str = "output.spcscale") -> Fraction:
     """Return a serving scale: an integer ``k ≥ 1`` or ``1/k`` (``2 ≤ k ≤ 64``), exactly.
 
-    Floats such as 0.25 or 0.333333 are recognised as ``1/k`` within
-    :data:`SNAP_TOLERANCE` (relative); ``"1/3"`` is accepted too.
+    Floats such as 0.25 or 0.333333 are recognised as ``1/k`` within a relative
+    1e-5 (six typed digits); ``"1/3"`` is accepted too.
 
     Raises
     ------
@@ -668,8 +689,8 @@ def check_spcscale(value: Any, parameter: str = "output.spcscale") -> Fraction:
         if _is_integer(number):
             return Fraction(round(number))
     else:
-        k = 1 / number
-        if abs(k - round(k)) <= SNAP_TOLERANCE * k and 2 <= round(k) <= MAX_SCALE_DENOMINATOR:
+        k = 1 / number  # 1/k typed with six digits (0.333333) is within 1e-5 of it
+        if abs(k - round(k)) <= 1e-5 * k and 2 <= round(k) <= MAX_SCALE_DENOMINATOR:
             return Fraction(1, round(k))
     raise InputError(
         f"{parameter}: {value!r} is neither an integer k nor 1/k (the output grid must nest "

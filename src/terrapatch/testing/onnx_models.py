@@ -7,9 +7,10 @@ at twice the spacing), the two are added and a ReLU gives ``[N, H-k+1, W-k+1,
 classes]``. Weights are seeded, so the model's values can be compared across
 runs and processes. :func:`segmentation_onnx` writes the shape most of the field
 exports from PyTorch: channels first ``[N, C, H, W]``, a stack of 3 × 3
-convolutions (same-padded, or valid) and a softmax over the classes. :func:`super_resolution_onnx` writes a
-super-resolution model: per source a valid 3 × 3 convolution and a pixel shuffle
-(``DepthToSpace``) by that source's factor, the sources added. Needs the
+convolutions (same-padded, or valid) and a softmax over the classes.
+:func:`super_resolution_onnx` writes a super-resolution model: per source a valid
+3 × 3 convolution and a pixel shuffle (``DepthToSpace``) by that source's factor,
+the sources added. Needs the
 ``onnx`` package (the ``tensorflow`` extra).
 """
 
