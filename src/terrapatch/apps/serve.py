@@ -144,6 +144,8 @@ class TensorflowModelServe(App):
         Param("optim.tilesizex", "int", "tile width in output pixels (default 256 "
               "fully-convolutional, 64 patch-based)"),
         Param("optim.tilesizey", "int", "tile height (default: tilesizex)"),
+        Param("optim.tilebatch", "int", "fully-convolutional tiles of one size stacked into "
+              "one model call (default 1; a GPU is better fed with several)"),
         Param("out", "out", "output map: .tif (add ?&gdal:of:COG for a Cloud-Optimized "
               "GeoTIFF with overviews) or .vrt (a mosaic of block files)", required=True,
               pixel_type="float32"),
@@ -194,6 +196,7 @@ class TensorflowModelServe(App):
             argmax=bool(self.get("output.argmax")),
             threshold=self.get("output.threshold"),
             below_threshold=self.get("output.belowvalue"),
+            tile_batch=self.get("optim.tilebatch"),
         )
 
     def _normalization(self, k: int) -> Normalization | None:

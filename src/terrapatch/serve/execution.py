@@ -39,7 +39,21 @@ from terrapatch.serve.sinks import (
 from terrapatch.serve.tilecopy import copy_tiles
 from terrapatch.writer import MapFormat, PendingOutput, convert_pixels, count_unfit
 
-__all__ = ["Execution"]
+__all__ = ["Execution", "batches_of"]
+
+
+def batches_of(tiles: Sequence[Tile], size: int) -> list[tuple[Tile, ...]]:
+    """Consecutive tiles of one window size, ``size`` at most per group (in order)."""
+    groups: list[tuple[Tile, ...]] = []
+    current: list[Tile] = []
+    for tile in tiles:
+        if current and (len(current) == size or current[0].window[2:] != tile.window[2:]):
+            groups.append(tuple(current))
+            current = []
+        current.append(tile)
+    if current:
+        groups.append(tuple(current))
+    return groups
 
 
 class Execution:
@@ -106,7 +120,25 @@ class Execution:
                     return None
                 return runner.infer(self.job.engine, tile, feed, stats)
 
-            run_pipeline(tiles, read, infer, write, close_readers, self.prefetch)
+            batch = self.job.tile_batch if runner.fullyconv else 1
+            if batch <= 1:
+                run_pipeline(tiles, read, infer, write, close_readers, self.prefetch)
+                return
+
+            def read_group(group: tuple[Tile, ...]) -> list[dict[str, np.ndarray] | None]:
+                return [read(tile) for tile in group]
+
+            def infer_group(group: tuple[Tile, ...],
+                            feeds: list[dict[str, np.ndarray] | None]
+                            ) -> list[np.ndarray | None]:
+                return runner.infer_batch(self.job.engine, group, feeds, stats)
+
+            def write_group(group: tuple[Tile, ...], values: list[np.ndarray | None]) -> None:
+                for tile, tile_values in zip(group, values, strict=True):
+                    write(tile, tile_values)
+
+            run_pipeline(batches_of(tiles, batch), read_group, infer_group, write_group,
+                         close_readers, max(1, self.prefetch // batch))
 
     def _writer(self) -> OrderedWriter:
         assert self.pending is not None

@@ -220,6 +220,7 @@ class ServeJob:
     tiles: tuple[Tile, ...]
     model_path: str | None = None
     margin: tuple[int, int] = (0, 0)
+    tile_batch: int = 1
 
     @property
     def output_grid(self) -> Grid:
@@ -458,6 +459,7 @@ def prepare_serve(
     argmax: bool = False,
     threshold: float | None = None,
     below_threshold: float = 255,
+    tile_batch: int | None = None,
 ) -> ServeJob:
     """Validate a serving run and plan its tiles, without writing anything.
 
@@ -585,8 +587,18 @@ def prepare_serve(
                 "overlapping by %d px (%s, %s model)", out_grid.width, out_grid.height,
                 out_grid.grid.spacing[0], coverage, crop, len(tiles), *adjusted, margin_px[0],
                 "fully-convolutional" if fullyconv else "patch-based", model_layout)
+    batch = _tile_batch(tile_batch)
     return ServeJob(sources, engine, layout, geometry, derived, runner, crop, adjusted, tiles,
-                    model_path=_model_path(model, engine), margin=margin_px)
+                    model_path=_model_path(model, engine), margin=margin_px, tile_batch=batch)
+
+
+def _tile_batch(value: int | None) -> int:
+    """Tiles per model call (fully-convolutional), or raise naming optim.tilebatch."""
+    if value is None:
+        return 1
+    if isinstance(value, bool) or int(value) != value or value < 1:
+        raise InputError(f"optim.tilebatch: {value!r} must be an integer ≥ 1")
+    return int(value)
 
 
 @contextlib.contextmanager
@@ -725,6 +737,7 @@ def serve(
     argmax: bool = False,
     threshold: float | None = None,
     below_threshold: float = 255,
+    tile_batch: int | None = None,
 ) -> ServeSummary:
     """Apply a model to whole rasters and write the map (GeoTIFF, COG or VRT mosaic).
 
@@ -837,6 +850,9 @@ def serve(
         With ``argmax``: pixels whose highest score is below it get ``below_threshold``.
     below_threshold
         Value of pixels below ``threshold``.
+    tile_batch
+        Fully-convolutional tiles of one size stacked into one model call (in this
+        process; a GPU is better fed with several, a CPU gains nothing). Default 1.
 
     Returns
     -------
@@ -864,7 +880,8 @@ def serve(
                             disable_tiling=disable_tiling, engine=engine,
                             model_layout=model_layout, margin=margin, coverage=coverage,
                             padding=padding, normalization=normalization, argmax=argmax,
-                            threshold=threshold, below_threshold=below_threshold)
+                            threshold=threshold, below_threshold=below_threshold,
+                            tile_batch=tile_batch)
         return job.run(out, dtype, rounding=rounding, background=background,
                        creation_options=creation_options, quiet=quiet, prefetch=prefetch,
                        scheduler=client, block_tiles=block_tiles, resume=resume,

@@ -10,19 +10,21 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
-
-import numpy as np
-
-from terrapatch.geometry import Tile
+from typing import Any, TypeVar
 
 __all__ = ["run_pipeline"]
 
+#: What flows through the pipeline: a tile, or a group of tiles run as one batch.
+Item = TypeVar("Item")
+#: A read item's model inputs, and the model's result for it.
+Feed = TypeVar("Feed")
+Values = TypeVar("Values")
 
-def run_pipeline(tiles: Iterable[Tile],
-              read: Callable[[Tile], dict[str, np.ndarray] | None],
-              infer: Callable[[Tile, dict[str, np.ndarray] | None], np.ndarray | None],
-              write: Callable[[Tile, np.ndarray | None], None],
+
+def run_pipeline(tiles: Iterable[Item],
+              read: Callable[[Item], Feed],
+              infer: Callable[[Item, Feed], Values],
+              write: Callable[[Item, Values], None],
               close: Callable[[], None], prefetch: int) -> None:
     """Read ahead in one thread, run the model here, write behind in another thread.
 
@@ -32,7 +34,7 @@ def run_pipeline(tiles: Iterable[Tile],
     prefetch = max(1, int(prefetch))
     with ThreadPoolExecutor(1, thread_name_prefix="terrapatch-read") as readers, \
             ThreadPoolExecutor(1, thread_name_prefix="terrapatch-write") as writers:
-        pending_reads: deque[tuple[Tile, Future[Any]]] = deque()
+        pending_reads: deque[tuple[Item, Future[Any]]] = deque()
         pending_writes: deque[Future[Any]] = deque()
         queue = iter(tiles)
 

@@ -197,6 +197,37 @@ class TileRunner:
             stats.add("compute", time.perf_counter() - start)
         return self.assemble(tile, result)
 
+    def infer_batch(self, engine: Engine, tiles: Sequence[Tile],
+                    feeds: Sequence[Mapping[str, np.ndarray] | None],
+                    stats: ServeStats | None = None) -> list[np.ndarray | None]:
+        """Run the model once on several fully-convolutional tiles of one size.
+
+        The tiles' tensors are stacked on the batch axis (user inputs are shared); the
+        tiles skipped for nodata (None feeds) give None. Tiles whose tensors differ in
+        size, and models whose outputs are not image batches, are run one by one.
+        """
+        ready = [(t, f) for t, f in zip(tiles, feeds, strict=True) if f is not None]
+        if stats is not None:
+            stats.add("skipped", len(tiles) - len(ready))
+        values: dict[int, np.ndarray] = {}
+        shapes = {tuple(f[n].shape for n in self.input_names) for _, f in ready}
+        if len(ready) > 1 and len(shapes) == 1 and self.fullyconv:
+            stacked = dict(ready[0][1])
+            for name in self.input_names:
+                stacked[name] = np.concatenate([f[name] for _, f in ready], axis=0)
+            start = time.perf_counter()
+            result = engine.run(stacked, self.output_names)
+            if stats is not None:
+                stats.add("compute", time.perf_counter() - start)
+            if all(np.ndim(v) == 4 and np.shape(v)[0] == len(ready) for v in result.values()):
+                for j, (tile, _) in enumerate(ready):
+                    values[id(tile)] = self.assemble(
+                        tile, {k: v[j:j + 1] for k, v in result.items()})
+        for tile, feed in ready:
+            if id(tile) not in values:
+                values[id(tile)] = self.infer(engine, tile, feed, stats)
+        return [values.get(id(t)) for t in tiles]
+
     def assemble(self, tile: Tile, result: Mapping[str, np.ndarray]) -> np.ndarray:
         """Reshape the model outputs of a tile to ``(rows, cols, bands)`` of its target."""
         _, _, width, height = tile.window
