@@ -361,3 +361,16 @@ def test_plan_blocks_refuses_empty_blocks():
 
     with pytest.raises(InputError, match=r"block_tiles: 0 must be ≥ 1"):
         plan_blocks((), 0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from([0.5, 10.0, 28.5, 30.0, 1 / 3]), st.integers(-50, 50),
+       st.integers(-50, 50), st.integers(-10**6, 10**6), st.floats(0.0, 0.999))
+def test_xy_of_inverts_pixel_of(spacing, col, row, shift, offset):
+    g = grid(spacing, 10, 10, x0=L + shift * spacing / 7, y0=T - shift * spacing / 3)
+    x, y = g.xy_of(col, row, offset)
+    cols, rows = g.pixel_of(x, y)
+    assert (int(cols), int(rows)) == (col, row)
+    cx, cy = g.xy_of(np.array([col]), np.array([row]))
+    assert np.isclose(cx[0], g.x0 + (col + 0.5) * spacing)
+    assert np.isclose(cy[0], g.y0 - (row + 0.5) * spacing)

@@ -165,6 +165,20 @@ class Grid:
         rows = floor_index((self.y0 - np.asarray(y, dtype=np.float64)) / sy)
         return cols, rows
 
+    def xy_of(self, cols: np.ndarray | float, rows: np.ndarray | float,
+              offset: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+        """Return world ``(x, y)`` of pixel positions: the inverse of :meth:`pixel_of`.
+
+        ``offset`` is the position inside the pixel, in pixels from its top-left
+        corner: 0.5 (default) gives pixel centres, 0 corners. Fractional ``cols`` and
+        ``rows`` are positions too. ``pixel_of(*xy_of(c, r))`` is ``(c, r)`` for every
+        integer pixel and any ``0 ≤ offset < 1``.
+        """
+        sx, sy = self.spacing
+        x = self.x0 + (np.asarray(cols, dtype=np.float64) + offset) * sx
+        y = self.y0 - (np.asarray(rows, dtype=np.float64) + offset) * sy
+        return x, y
+
 
 
 def check_same_crs(grids: Sequence[Grid]) -> None:
