@@ -28,6 +28,7 @@ import rasterio
 from rasterio.errors import RasterioIOError
 from rasterio.windows import Window
 
+from terrapatch._params import optional_pair
 from terrapatch.errors import GeometryError, InputError, MissingInputError
 from terrapatch.geometry import Grid
 
@@ -37,26 +38,6 @@ if TYPE_CHECKING:
     from terrapatch.stac import StacAsset
 
 PathLike = str | os.PathLike[str]
-
-
-def _as_pair(
-    value: int | Sequence[int] | None, keys: tuple[str, str]
-) -> tuple[int, int] | None:
-    if value is None:
-        return None
-    if isinstance(value, int | np.integer):
-        pair = (int(value), int(value))
-    else:
-        items = tuple(value)
-        if len(items) != 2:
-            raise InputError(f"{keys[0]}: expected one size or (x, y), got {value!r}")
-        pair = (int(items[0]), int(items[1]))
-    for key, size in zip(keys, pair, strict=True):
-        if size < 1:
-            raise InputError(
-                f"{key}: {size} is not a valid size (patch {pair[0]}×{pair[1]}; sizes must be ≥ 1)"
-            )
-    return pair
 
 
 def is_remote(path: str) -> bool:
@@ -235,8 +216,8 @@ class Source:
         if any(is_remote(p) for p in self.paths):
             configure_remote_reads()
         self.name = name
-        self.patch_size = _as_pair(patch_size, (f"{name}.{size_keys[0]}",
-                                                f"{name}.{size_keys[1]}"))
+        self.patch_size = optional_pair(patch_size, (f"{name}.{size_keys[0]}",
+                                                     f"{name}.{size_keys[1]}"))
         self.nodata = None if nodata is None else float(nodata)
         self.placeholder = placeholder
 

@@ -34,6 +34,7 @@ from affine import Affine
 
 import terrapatch
 from terrapatch import cluster
+from terrapatch._params import optional_pair
 from terrapatch.engines import Engine, load_engine
 from terrapatch.errors import InputError, ModelError
 from terrapatch.geometry import (
@@ -489,7 +490,7 @@ def prepare_serve(
     post = Argmax(threshold, below_threshold) if argmax else None
     given_margin = _margin(margin)
     spcscale = scale_value(check_spcscale(spcscale, "output.spcscale"))
-    ef = _pair(efield, "output.efield")
+    ef = optional_pair(efield, ("output.efieldx", "output.efieldy"))
     if not fullyconv and ef not in (None, (1, 1)):
         raise InputError(
             f"output.efieldx/y: {ef[0]}×{ef[1]} in patch-based mode; each patch gives one output "
@@ -567,7 +568,8 @@ def prepare_serve(
         size = (crop[2] + ex, crop[3] + ey)
     else:
         default = DEFAULT_TILE_FCN if fullyconv else _pb_default_tile(sources, geometry)
-        size = _pair(tile_size, "optim.tilesizex") or (default, default)
+        size = optional_pair(tile_size, ("optim.tilesizex", "optim.tilesizey")) or (default,
+                                                                                   default)
     if given_margin is not None and any(m > t for m, t in zip(given_margin, size,
                                                                  strict=True)):
         raise InputError(f"output.margin: {given_margin[0]} px is larger than the tile "
@@ -676,21 +678,6 @@ def _measured_margin(engine: Engine, sources: Sequence[Source], input_names: Seq
         logger.info("same-padded model: halo measured %d px; tiles overlap by %d px and crop "
                     "it (output.margin to override)", halo, halo)
     return (halo, halo)
-
-
-def _pair(value: int | Sequence[int] | None, parameter: str) -> tuple[int, int] | None:
-    if value is None:
-        return None
-    if isinstance(value, int | np.integer):
-        pair = (int(value), int(value))
-    else:
-        items = [int(v) for v in value]
-        if len(items) != 2:
-            raise InputError(f"{parameter}: expected one value or (x, y), got {value!r}")
-        pair = (items[0], items[1])
-    if pair[0] < 1 or pair[1] < 1:
-        raise InputError(f"{parameter}: {pair[0]}×{pair[1]} must be ≥ 1")
-    return pair
 
 
 def _model_path(model: Any, engine: Engine) -> str | None:
