@@ -7,18 +7,17 @@ import re
 import socket
 import threading
 
+import distributed
 import numpy as np
 import pytest
 
-distributed = pytest.importorskip("distributed")
-
-from terrapatch import cluster  # noqa: E402
-from terrapatch import extraction as ex  # noqa: E402
-from terrapatch.errors import InputError, TerrapatchError  # noqa: E402
-from terrapatch.extraction import reading  # noqa: E402
-from terrapatch.patches import read_patches  # noqa: E402
-from terrapatch.raster import Source  # noqa: E402
-from terrapatch.testing import faults, make_scene  # noqa: E402
+from terrapatch import cluster
+from terrapatch import extraction as ex
+from terrapatch.errors import InputError, TerrapatchError
+from terrapatch.extraction import reading
+from terrapatch.patches import read_patches
+from terrapatch.raster import Source
+from terrapatch.testing import faults, make_scene
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,14 @@ import numpy as np
 import pytest
 import rasterio
 
-pytest.importorskip("sklearn")
-skops_io = pytest.importorskip("skops.io")
-pytest.importorskip("onnx")
+from terrapatch.testing.markers import requires
+
+pytestmark = requires("sklearn", "skops", "onnx")
+
+try:
+    import skops.io as skops_io
+except ImportError:  # skipped by the marker
+    skops_io = None
 
 from terrapatch import deepfeatures as D  # noqa: E402
 from terrapatch.apps import (  # noqa: E402
@@ -243,7 +248,6 @@ def test_map_does_not_depend_on_tiles_box_or_mode(data, full_map, tmp_path):
 
 
 def test_map_on_two_dask_workers_equals_in_process(data, full_map, tmp_path):
-    pytest.importorskip("distributed")
     D.classify(_s10(data["scene"]), data["f8"], data["clf"], tmp_path / "w.tif", workers=2,
                tile_size=32, quiet=True)
     np.testing.assert_array_equal(_read(tmp_path / "w.tif")[0], _read(full_map)[0])

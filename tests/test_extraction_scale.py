@@ -31,6 +31,7 @@ from terrapatch.geometry import Layout, extraction_factor
 from terrapatch.patches import read_patches
 from terrapatch.raster import Source
 from terrapatch.testing import coordinate_raster, write_raster
+from terrapatch.testing.markers import requires_tensorflow
 from terrapatch.vector import PointSet
 
 L, T = 500000.0, 4000000.0
@@ -416,9 +417,11 @@ def test_dataset_reads_shard_lists_and_folders(rasters, tmp_path, monkeypatch):
         PatchesImagesReader({"x": empty})
 
 
+@requires_tensorflow
 def test_model_trains_on_shards(rasters, tmp_path, monkeypatch):
-    tf = pytest.importorskip("tensorflow")
-    keras = pytest.importorskip("keras")
+    import keras
+    import tensorflow as tf
+
     monkeypatch.setattr(reading, "CLUSTER_BLOCK", 64)
     sharded, _, _ = run_sharded(pair(rasters["tiles16"]), uniform_points(400, 9), tmp_path)
     dataset = DatasetFromPatchesImages(filenames_dict={
@@ -445,7 +448,8 @@ def test_model_trains_on_shards(rasters, tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def client():
-    distributed = pytest.importorskip("distributed")
+    import distributed
+
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                   dashboard_address=None) as lc, distributed.Client(lc) as c:
         yield c

@@ -22,6 +22,7 @@ import terrapatch as otbtf
 from terrapatch.errors import InputError, ModelError
 from terrapatch.metrics import FScore
 from terrapatch.model import DEFAULT_INFERENCE_CROPPING, ModelBase, load_model
+from terrapatch.testing.markers import requires_tensorboard
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -188,8 +189,8 @@ def test_seed_workflow_fit_checkpoint_and_safe_mode_reload(patches, tmp_path):
     resumed.fit(ds_train, epochs=1, verbose=0)
 
 
+@requires_tensorboard
 def test_tensorboard_callback_of_the_seed(patches, tmp_path):
-    pytest.importorskip("tensorboard")
     ds = seed.create_dataset(*patches["train"], batch_size=16)
     model = seed.DualSrcFCNNModel(dataset_element_spec=ds.element_spec)
     model.compile(loss={seed.tgt_key: keras.losses.CategoricalCrossentropy()},
@@ -224,8 +225,8 @@ def test_model_from_tfrecords_dataset(patches, tmp_path):
     assert np.isfinite(history.history["loss"][0])
 
 
+@requires_tensorboard
 def test_example_scripts_train_and_convert(tmp_path, capsys):
-    pytest.importorskip("tensorboard")
     model_path = tmp_path / "dual.keras"
     code = seed.main(["--synthetic", "32", "--epochs", "1", "--batch_size", "8",
                       "--model", str(model_path), "--log_dir", str(tmp_path / "logs"),
@@ -242,9 +243,9 @@ def test_example_scripts_train_and_convert(tmp_path, capsys):
 SEED_TEXT = Path(__file__).resolve().parents[2] / "shared" / "reference" / "seed.txt"
 
 
+@requires_tensorboard
 def test_seed_training_script_runs_with_only_its_imports_changed(tmp_path, monkeypatch):
     """The tutorial's part_2_train_fcn_2_sources.py, data paths pointed at tmp_path."""
-    pytest.importorskip("tensorboard")
     if not SEED_TEXT.is_file():
         pytest.skip(f"seed reference not available at {SEED_TEXT}")
     text = SEED_TEXT.read_text()

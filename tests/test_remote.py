@@ -370,7 +370,8 @@ def _worker_option(key: str) -> str | None:
 
 def test_dask_workers_read_urls_and_set_the_options_themselves(root, base, tmp_path,
                                                                monkeypatch):
-    distributed = pytest.importorskip("distributed")
+    import distributed
+
     model = tmp_path / "seed.keras"
     seed_model(seed=1).save(model)
     local = serve(pair_sources(root / "s20.tif", root / "s10.tif"), model, tmp_path / "l.tif",

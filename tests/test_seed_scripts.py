@@ -21,6 +21,7 @@ import rasterio
 from affine import Affine
 
 from terrapatch.testing import make_scene, mosaic_vrt
+from terrapatch.testing.markers import requires_tensorboard
 
 REPO = Path(__file__).resolve().parents[1]
 SEED_TEXT = REPO.parent / "shared" / "reference" / "seed.txt"
@@ -54,10 +55,10 @@ def run(code: str, path: Path, argv: list[str], monkeypatch) -> None:
 
 
 @pytest.mark.slow
+@requires_tensorboard
 def test_seed_scripts_extract_train_and_map(tmp_path, monkeypatch):
     if not SEED_TEXT.is_file():
         pytest.skip(f"seed page not available at {SEED_TEXT} (needs ../shared beside the repo)")
-    pytest.importorskip("tensorboard")
     data = tmp_path / "data"
     (data / "models").mkdir(parents=True)
     scene = make_scene(tmp_path / "scene", size=512, n_points=2500, seed=5)
@@ -110,8 +111,8 @@ def test_seed_scripts_extract_train_and_map(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.realdata
+@requires_tensorboard
 def test_walkthrough_on_real_sentinel2(real_data, tmp_path):
-    pytest.importorskip("tensorboard")
     env = dict(os.environ, TERRAPATCH_REAL_DATA=str(real_data),
                TERRAPATCH_SEED_OUT=str(tmp_path), TF_CPP_MIN_LOG_LEVEL="2")
     folder = REPO / "examples" / "seed"

@@ -362,7 +362,7 @@ def test_creation_options_and_layout_of_the_file(seed, pair, tmp_path):
 
 @pytest.mark.parametrize("source1", ["10m", "20m"])
 def test_i2_extracted_patches_are_what_patch_based_serving_feeds(tmp_path, source1):
-    extraction = pytest.importorskip("terrapatch.extraction")
+    from terrapatch import extraction
     from terrapatch.patches import read_patches
     from terrapatch.testing import make_scene
     from terrapatch.vector import write_points

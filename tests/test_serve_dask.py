@@ -9,26 +9,25 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import shutil
 
+import distributed
 import numpy as np
 import pytest
 import rasterio
 from affine import Affine
 
-distributed = pytest.importorskip("distributed")
-
-import terrapatch.serve as serving  # noqa: E402
-from terrapatch import cluster  # noqa: E402
-from terrapatch.cli import main  # noqa: E402
-from terrapatch.errors import InputError, TerrapatchError  # noqa: E402
-from terrapatch.raster import Source  # noqa: E402
-from terrapatch.serve import (  # noqa: E402
+import terrapatch.serve as serving
+from terrapatch import cluster
+from terrapatch.cli import main
+from terrapatch.errors import InputError, TerrapatchError
+from terrapatch.raster import Source
+from terrapatch.serve import (
     caches,
     prepare_serve,
     serve,
 )
-from terrapatch.testing import faults  # noqa: E402
-from terrapatch.testing.models import seed_model  # noqa: E402
-from terrapatch.testing.rasters import write_raster  # noqa: E402
+from terrapatch.testing import faults
+from terrapatch.testing.models import seed_model
+from terrapatch.testing.rasters import write_raster
 
 L, T = 500000.0, 4000000.0
 OUTS = ["estimated", "estimated_labels"]

@@ -374,7 +374,8 @@ def test_a_journal_of_another_output_is_refused(data, tmp_path):
 
 
 def test_resume_after_a_lost_cluster_task(data, reference, tmp_path):
-    distributed = pytest.importorskip("distributed")
+    import distributed
+
     out = tmp_path / "map.tif"
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                   dashboard_address=":0") as lc, distributed.Client(lc) as c:
