@@ -91,7 +91,8 @@ def _usage() -> str:
         f"Commands (terrapatch COMMAND --help):\n{commands}\n\n"
         "Global options: --quiet (no progress bars), --debug (tracebacks),\n"
         "  --workers N (local Dask cluster), --dask-scheduler ADDRESS (existing cluster),\n"
-        "  --resume (continue an interrupted TensorflowModelServe from its journal)"
+        "  --resume (continue an interrupted TensorflowModelServe from its journal),\n"
+        "  --device cpu|cuda|auto (where TensorflowModelServe runs the model; default auto)"
     )
 
 
@@ -126,6 +127,7 @@ def run_app(name: str, argv: Sequence[str], quiet: bool) -> int:
         raise InputError(f"--workers: {workers_text!r} is not an integer") from None
     if workers is not None and workers < 1:
         raise InputError(f"--workers: {workers} must be ≥ 1")
+    device = _pop_option(argv, ("--device", "-device"))
     if any(t in ("-help", "--help", "-h") for t in argv):
         values, _ = cls.parse_argv([t for t in argv if t not in ("-help", "--help", "-h")])
         n = max([sources_from_env()] + [int(k[6:].split(".")[0]) for k in values
@@ -134,7 +136,7 @@ def run_app(name: str, argv: Sequence[str], quiet: bool) -> int:
         return 0
     values, pixel_types = cls.parse_argv(argv)
     app = cls(values, quiet=quiet, pixel_types=pixel_types, scheduler=scheduler,
-              workers=workers, resume=resume)
+              workers=workers, resume=resume, device=device)
     if not app.executed:
         app.execute()
     return 0

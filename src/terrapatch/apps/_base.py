@@ -179,6 +179,9 @@ class App:
     resume
         Resume an interrupted run from its journal (applications that support it:
         serving).
+    device
+        ``"cpu"``, ``"cuda"`` or ``"auto"``: where applications that run a model on
+        rasters (serving) run it; None: auto.
     **kwargs
         Parameters in pyotb spelling (``source1_il=...``, ``model_fullyconv=True``).
 
@@ -193,11 +196,12 @@ class App:
     primary_output: ClassVar[str] = "out"
     supports_cluster: ClassVar[bool] = False
     supports_resume: ClassVar[bool] = False
+    supports_device: ClassVar[bool] = False
 
     def __init__(self, *args: Mapping[str, Any], n_sources: int | None = None,
                  quiet: bool = False, pixel_types: Mapping[str, str] | None = None,
                  scheduler: Any = None, workers: int | None = None, resume: bool = False,
-                 **kwargs: Any) -> None:
+                 device: str | None = None, **kwargs: Any) -> None:
         self.values: dict[str, Any] = {}
         self.pixel_types: dict[str, str] = {
             normalize_key(k): str(v) for k, v in (pixel_types or {}).items()}
@@ -205,6 +209,7 @@ class App:
         self.scheduler = scheduler
         self.workers = workers
         self.resume = bool(resume)
+        self.device = device
         self.result: Any = None
         self.executed = False
         given: dict[str, Any] = {}
@@ -343,6 +348,9 @@ class App:
         if (self.scheduler is not None or self.workers is not None) and \
                 not self.supports_cluster:
             logger.warning("%s runs in process: --workers / --dask-scheduler are ignored",
+                           self.name)
+        if self.device is not None and not self.supports_device:
+            logger.warning("%s: --device is ignored (it applies to TensorflowModelServe)",
                            self.name)
         if self.resume and not self.supports_resume:
             raise InputError(f"--resume: {self.name} cannot resume; rerun it without --resume")

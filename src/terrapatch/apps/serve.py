@@ -89,6 +89,7 @@ class TensorflowModelServe(App):
     primary_output = "out"
     supports_cluster = True
     supports_resume = True
+    supports_device = True
     source_params = (
         Param("il", "paths", "input image(s), stacked as bands", required=True),
         Param("rfieldx", "int", "receptive field width in this source's pixels "
@@ -197,6 +198,7 @@ class TensorflowModelServe(App):
             threshold=self.get("output.threshold"),
             below_threshold=self.get("output.belowvalue"),
             tile_batch=self.get("optim.tilebatch"),
+            device=self.device or "auto",
         )
 
     def _normalization(self, k: int) -> Normalization | None:

@@ -310,7 +310,7 @@ def extract_patches(
     summary = ExtractionSummary(
         n_features=n, n_skipped=points.n_skipped, n_collected=n_kept,
         n_rejected_outside=n_outside, rejected_outside=rejected_outside,
-        rejected_nodata=rejected_nodata, factor=layout.factor, outputs=summary_outputs,
+        rejected_nodata=rejected_nodata, factor=int(layout.factor), outputs=summary_outputs,
         shards=summary_shards,
     )
     logger.info("PatchesExtraction: %s", summary)

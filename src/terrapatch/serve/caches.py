@@ -66,7 +66,7 @@ def _model_stamp(model: str) -> tuple[int, int]:
     return (stat.st_mtime_ns, stat.st_size)
 
 
-def cached_engine(model: str) -> Engine:
+def cached_engine(model: str, device: str = "auto") -> Engine:
     """The engine of the model at ``model``, loaded once per process and kept.
 
     Cluster tasks call this so that a worker process loads a model once, not once per
@@ -76,7 +76,10 @@ def cached_engine(model: str) -> Engine:
     Parameters
     ----------
     model
-        SavedModel directory, ``.keras`` or ``.onnx`` file.
+        SavedModel directory, ``.keras``, ``.onnx``, ``.pt2`` or ``.pt`` file.
+    device
+        ``"auto"``, ``"cpu"`` or ``"cuda"`` (see :func:`terrapatch.engines.load_engine`);
+        part of the cache key.
 
     Raises
     ------
@@ -85,14 +88,15 @@ def cached_engine(model: str) -> Engine:
     """
     stamp = _model_stamp(model)
     with _ENGINES_LOCK:
-        cached = _ENGINES.get(model)
+        key = f"{model}|{device}"
+        cached = _ENGINES.get(key)
         if cached is not None and cached[0] == stamp:
             return cached[1]
-        _ENGINES.pop(model, None)
+        _ENGINES.pop(key, None)
         while len(_ENGINES) >= ENGINE_CACHE_SIZE:
             _ENGINES.pop(next(iter(_ENGINES)))
-        engine = load_engine(model)
-        _ENGINES[model] = (stamp, engine)
+        engine = load_engine(model, device=device)
+        _ENGINES[key] = (stamp, engine)
         logger.debug("loaded %s on %s", model, worker_name())
         return engine
 

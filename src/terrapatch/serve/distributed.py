@@ -56,7 +56,7 @@ def _compute(runner: TileRunner, tiles: Sequence[Tile], dtype: np.dtype, roundin
     """
     if runner.model is None:
         raise ModelError("serve_block: the tile runner has no model path to open")
-    engine = runner.adapt(cached_engine(runner.model))
+    engine = runner.adapt(cached_engine(runner.model, runner.device))
     where = worker_name()  # here: the reader thread is not the worker's task thread
     stats = ServeStats()
     pixels: list[np.ndarray | None] = []

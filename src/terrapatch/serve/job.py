@@ -35,7 +35,7 @@ from affine import Affine
 import terrapatch
 from terrapatch import cluster
 from terrapatch._params import optional_pair
-from terrapatch.engines import Engine, load_engine
+from terrapatch.engines import Engine, check_device, load_engine
 from terrapatch.errors import InputError, ModelError
 from terrapatch.geometry import (
     COVERAGES,
@@ -101,6 +101,8 @@ DEFAULT_TILE_PB = 64
 #: Bytes of float32 patches one patch-based batch may hold: the default tile shrinks for
 #: large receptive fields (e.g. 64×64×13 patches) so memory stays bounded.
 PB_BATCH_BYTES = 256 * 2**20
+#: Fully-convolutional tiles per model call when the model runs on a GPU.
+GPU_TILE_BATCH = 4
 #: Most tiles per block (one cluster task, one block file).
 CLUSTER_BLOCK_TILES = 8
 #: Tasks per worker thread aimed at when choosing the ordered sink's block size.
@@ -461,6 +463,7 @@ def prepare_serve(
     threshold: float | None = None,
     below_threshold: float = 255,
     tile_batch: int | None = None,
+    device: str = "auto",
 ) -> ServeJob:
     """Validate a serving run and plan its tiles, without writing anything.
 
@@ -471,8 +474,9 @@ def prepare_serve(
     """
     sources = check_sources(sources)
     grids = [s.grid for s in sources]  # opens every source: missing/unreadable files fail here
+    device = check_device(device)
     if engine is None:
-        engine = load_engine(model)
+        engine = load_engine(model, device=device)
     model_path = model if isinstance(model, str | os.PathLike) else None
     user_inputs = {k: np.asarray(v) for k, v in (user_placeholders or {}).items()}
     user_inputs = {engine.resolve_input(k, "model.userplaceholders"): v
@@ -550,7 +554,7 @@ def prepare_serve(
     runner = TileRunner(sources, layout, input_names, dtypes, outputs, channels, fullyconv,
                         user_inputs, os.fspath(model_path) if model_path is not None else None,
                         model_layout=model_layout, normalizations=coefficients, argmax=post,
-                        pad=pad if coverage == "full" else None)
+                        pad=pad if coverage == "full" else None, device=device)
     if given_margin is not None:
         margin_px = given_margin
     elif same_padded and steps is not None and not disable_tiling:
@@ -589,15 +593,19 @@ def prepare_serve(
                 "overlapping by %d px (%s, %s model)", out_grid.width, out_grid.height,
                 out_grid.grid.spacing[0], coverage, crop, len(tiles), *adjusted, margin_px[0],
                 "fully-convolutional" if fullyconv else "patch-based", model_layout)
-    batch = _tile_batch(tile_batch)
+    batch = _tile_batch(tile_batch, getattr(engine, "device", "cpu"))
     return ServeJob(sources, engine, layout, geometry, derived, runner, crop, adjusted, tiles,
                     model_path=_model_path(model, engine), margin=margin_px, tile_batch=batch)
 
 
-def _tile_batch(value: int | None) -> int:
-    """Tiles per model call (fully-convolutional), or raise naming optim.tilebatch."""
+def _tile_batch(value: int | None, device: str) -> int:
+    """Tiles per model call (fully-convolutional), or raise naming optim.tilebatch.
+
+    Default: :data:`GPU_TILE_BATCH` when the engine runs on a GPU, else 1 (a CPU is
+    as busy with one tile as with several).
+    """
     if value is None:
-        return 1
+        return GPU_TILE_BATCH if device == "cuda" else 1
     if isinstance(value, bool) or int(value) != value or value < 1:
         raise InputError(f"optim.tilebatch: {value!r} must be an integer ≥ 1")
     return int(value)
@@ -725,6 +733,7 @@ def serve(
     threshold: float | None = None,
     below_threshold: float = 255,
     tile_batch: int | None = None,
+    device: str = "auto",
 ) -> ServeSummary:
     """Apply a model to whole rasters and write the map (GeoTIFF, COG or VRT mosaic).
 
@@ -839,7 +848,12 @@ def serve(
         Value of pixels below ``threshold``.
     tile_batch
         Fully-convolutional tiles of one size stacked into one model call (in this
-        process; a GPU is better fed with several, a CPU gains nothing). Default 1.
+        process). Default: :data:`GPU_TILE_BATCH` on a GPU, else 1.
+    device
+        Where the model runs: ``"cpu"``, ``"cuda"`` (onnxruntime's CUDA provider,
+        TensorFlow's GPU, torch CUDA; an error naming ``device`` when there is none) or
+        ``"auto"`` (CUDA when the engine finds a GPU). Dask workers resolve it on
+        their own machine.
 
     Returns
     -------
@@ -868,7 +882,7 @@ def serve(
                             model_layout=model_layout, margin=margin, coverage=coverage,
                             padding=padding, normalization=normalization, argmax=argmax,
                             threshold=threshold, below_threshold=below_threshold,
-                            tile_batch=tile_batch)
+                            tile_batch=tile_batch, device=device)
         return job.run(out, dtype, rounding=rounding, background=background,
                        creation_options=creation_options, quiet=quiet, prefetch=prefetch,
                        scheduler=client, block_tiles=block_tiles, resume=resume,

@@ -82,6 +82,8 @@ class TileRunner:
     pad
         How windows reaching past a source's edges are filled (full coverage):
         ``"reflect"``, a constant, or None (windows stay inside the sources).
+    device
+        Where engines this runner opens run: ``"auto"``, ``"cpu"`` or ``"cuda"``.
 
     Attributes
     ----------
@@ -97,7 +99,8 @@ class TileRunner:
                  user_inputs: Mapping[str, np.ndarray] | None = None,
                  model: str | None = None, model_layout: str = "nhwc",
                  normalizations: Sequence[tuple[np.ndarray, np.ndarray] | None] | None = None,
-                 argmax: Argmax | None = None, pad: str | float | None = None) -> None:
+                 argmax: Argmax | None = None, pad: str | float | None = None,
+                 device: str = "auto") -> None:
         self.sources = list(sources)
         self.layout = layout
         self.input_names = list(input_names)
@@ -111,6 +114,7 @@ class TileRunner:
         self.normalizations = list(normalizations or [None] * len(self.sources))
         self.argmax = argmax
         self.pad = pad
+        self.device = device
         self.engine_wrappers: list[Callable[[Engine], Engine]] = []
         self._local = threading.local()
 
@@ -261,7 +265,7 @@ class TileRunner:
             if getattr(local, "engine", None) is None:
                 if self.model is None:
                     raise ModelError("TileRunner: no engine given and no model path to open")
-                local.engine = self.adapt(load_engine(self.model))
+                local.engine = self.adapt(load_engine(self.model, device=self.device))
             engine = local.engine
         feed = self.read(local.readers, tile)
         if feed is None:
