@@ -58,6 +58,8 @@ EXTRAS: dict[str, tuple[str, str]] = {
     "matplotlib": ("report", "matplotlib"),
     "sklearn": ("classical", "scikit-learn"),
     "skops": ("classical", "skops"),
+    "torch": ("torch", "PyTorch"),
+    "jax": ("jax", "JAX"),
 }
 
 _log = logging.getLogger("terrapatch")

@@ -1,8 +1,8 @@
-"""Model engines: run a saved model on numpy batches (TF SavedModel, Keras file, ONNX).
+"""Model engines: run a saved model on numpy batches (TF SavedModel, Keras, ONNX, PyTorch).
 
-One interface for the three formats terrapatch serves::
+One interface for the formats terrapatch serves::
 
-    engine = Engine.load("model_dir")           # SavedModel dir, .keras file or .onnx file
+    engine = Engine.load("model_dir")           # SavedModel dir, .keras, .onnx, .pt2 or .pt file
     engine.input_names, engine.output_names     # names as the model declares them
     engine.run({"input_20m": a, "input_10m": b}, ["estimated_labels"])  # -> {name: ndarray}
 
@@ -17,7 +17,14 @@ and listing what it offers.
 Only the ONNX engine is in terrapatch's core install: TensorFlow and Keras are
 imported when a SavedModel or ``.keras`` model is opened, never for an ONNX one;
 without the ``tensorflow`` extra those raise a one-line
-:class:`~terrapatch.errors.MissingEngineError` saying what to install.
+:class:`~terrapatch.errors.MissingEngineError` saying what to install. PyTorch
+models (an in-memory :class:`torch.nn.Module`, a ``torch.export`` ``.pt2`` file, a
+TorchScript ``.pt`` / ``.pth`` file) are served by
+:class:`terrapatch.pytorch.TorchEngine`, with the ``torch`` extra.
+
+Every engine runs where ``device`` says (:func:`check_device`): ``"cpu"``,
+``"cuda"`` (an error in one line when the engine finds no CUDA GPU) or ``"auto"``
+(the default: the GPU when the engine finds one, else the CPU).
 """
 
 from __future__ import annotations
@@ -29,22 +36,34 @@ import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from terrapatch._optional import import_keras, import_tensorflow
-from terrapatch.errors import MissingEngineError, ModelError
+from terrapatch._optional import import_keras, import_tensorflow, require
+from terrapatch.errors import InputError, MissingEngineError, ModelError
+
+if TYPE_CHECKING:
+    from terrapatch.pytorch.engine import TorchEngine
 
 __all__ = [
+    "DEVICES",
     "Engine",
     "KerasEngine",
     "ModelRunError",
     "OnnxEngine",
     "SavedModelEngine",
     "TensorInfo",
+    "check_device",
     "load_engine",
+    "resolve_device",
 ]
+
+#: Values of the ``device`` parameter of :func:`load_engine` and of the engines.
+DEVICES = ("auto", "cpu", "cuda")
+
+#: Suffixes of the PyTorch model files :func:`load_engine` opens (``.pt2``: torch.export).
+TORCH_SUFFIXES = (".pt2", ".pt", ".pth")
 
 
 class ModelRunError(ModelError):
@@ -101,6 +120,50 @@ def _first_line(exc: BaseException, limit: int = 400) -> str:
                                                              "File ", "Traceback"))]
     line = (informative or lines or [type(exc).__name__])[0]
     return line if len(line) <= limit else line[:limit] + " …"
+
+
+def check_device(device: Any, parameter: str = "device") -> str:
+    """Normalise a device name (``"auto"``, ``"cpu"`` or ``"cuda"``), or raise naming ``parameter``.
+
+    Raises
+    ------
+    InputError
+        If ``device`` is none of :data:`DEVICES` (the message lists them).
+    """
+    text = str(device).strip().lower()
+    if text not in DEVICES:
+        raise InputError(f"{parameter}: {device!r} is not a device; expected one of "
+                         f"{', '.join(DEVICES)}")
+    return text
+
+
+def resolve_device(device: Any, has_gpu: bool, what: str, parameter: str = "device") -> str:
+    """Where to run: ``"cuda"`` or ``"cpu"``, from ``device`` and whether a GPU is usable.
+
+    Parameters
+    ----------
+    device
+        ``"auto"`` (``"cuda"`` when ``has_gpu``, else ``"cpu"``), ``"cpu"`` or ``"cuda"``.
+    has_gpu
+        Whether the engine's runtime sees a usable CUDA GPU.
+    what
+        The runtime and model, for the message, e.g. ``"onnxruntime for 'm.onnx'"``.
+    parameter
+        Parameter name quoted in error messages.
+
+    Raises
+    ------
+    InputError
+        If ``device`` is not a device, or is ``"cuda"`` and ``has_gpu`` is False (one
+        line naming ``parameter`` and the value).
+    """
+    text = check_device(device, parameter)
+    if text == "auto":
+        return "cuda" if has_gpu else "cpu"
+    if text == "cuda" and not has_gpu:
+        raise InputError(f"{parameter}: {device!r} asked, but {what} finds no CUDA GPU here; "
+                         f"use {parameter}='cpu' or {parameter}='auto'")
+    return text
 
 
 def _strip_index(name: str) -> str:
@@ -227,24 +290,53 @@ class Engine(abc.ABC):
     # ------------------------------------------------------------------ loading
 
     @staticmethod
-    def load(model: Any, parameter: str = "model.dir") -> Engine:
-        """Open a model: SavedModel directory, ``.keras`` file, ``.onnx`` file.
+    def load(model: Any, parameter: str = "model.dir", device: str = "auto") -> Engine:
+        """Open a model: SavedModel directory, ``.keras``, ``.onnx``, ``.pt2`` or ``.pt`` file.
 
-        ``model`` may also be an :class:`Engine` (returned as is) or an in-memory
-        :class:`keras.Model`.
+        ``model`` may also be an :class:`Engine` (returned as is), an in-memory
+        :class:`keras.Model` or an in-memory :class:`torch.nn.Module`. See
+        :func:`load_engine`.
         """
-        return load_engine(model, parameter)
+        return load_engine(model, parameter, device=device)
 
 
-def load_engine(model: Any, parameter: str = "model.dir") -> Engine:
-    """Open ``model`` with the engine matching its format (see :meth:`Engine.load`)."""
+def load_engine(model: Any, parameter: str = "model.dir", device: str = "auto") -> Engine:
+    """Open ``model`` with the engine matching its format.
+
+    Parameters
+    ----------
+    model
+        A TensorFlow SavedModel directory, a ``.keras`` file, an ``.onnx`` file, a
+        ``torch.export`` program (``.pt2``), a TorchScript file (``.pt``, ``.pth``);
+        or an in-memory :class:`keras.Model`, :class:`torch.nn.Module` (TorchScript
+        modules included) or ``torch.export.ExportedProgram``; or an :class:`Engine`,
+        returned as is.
+    parameter
+        Parameter name quoted in error messages.
+    device
+        ``"auto"`` (default: the GPU when the engine's runtime finds one), ``"cpu"``
+        or ``"cuda"`` (an :class:`~terrapatch.errors.InputError` naming ``device``
+        when there is no GPU). Ignored for an :class:`Engine` given as is.
+
+    Returns
+    -------
+    Engine
+        PyTorch models give a :class:`terrapatch.pytorch.TorchEngine`, which takes
+        channels-first tensors (``layout = "nchw"``, like an ONNX export of it);
+        serving wraps it in :class:`~terrapatch.serve.layouts.ChannelsFirstEngine`.
+    """
     if isinstance(model, Engine):
         return model
+    device = check_device(device)
     if not isinstance(model, str | os.PathLike):
-        # An in-memory Keras model implies Keras is loaded already: never import it here.
+        # An in-memory Keras or torch model implies its library is loaded already: never
+        # import it here.
         keras = sys.modules.get("keras")
         if keras is not None and isinstance(model, keras.Model):
-            return KerasEngine.from_model(model)
+            return KerasEngine.from_model(model, device=device)
+        torch = sys.modules.get("torch")
+        if torch is not None and isinstance(model, torch.nn.Module | torch.export.ExportedProgram):
+            return _torch_engine()(model, parameter=parameter, device=device)
         raise ModelError(f"{parameter}: expected a model path, got {type(model).__name__}")
     path = Path(model)
     text = os.fspath(model)
@@ -256,16 +348,27 @@ def load_engine(model: Any, parameter: str = "model.dir") -> Engine:
                 f"{parameter}: directory {text!r} is not a TensorFlow SavedModel "
                 "(no saved_model.pb inside)"
             )
-        return SavedModelEngine(text, parameter=parameter)
+        return SavedModelEngine(text, parameter=parameter, device=device)
     suffix = path.suffix.lower()
     if suffix == ".keras":
-        return KerasEngine(text, parameter=parameter)
+        return KerasEngine(text, parameter=parameter, device=device)
     if suffix == ".onnx":
-        return OnnxEngine(text, parameter=parameter)
+        return OnnxEngine(text, parameter=parameter, device=device)
+    if suffix in TORCH_SUFFIXES:
+        require("torch", f"{parameter}: serving the PyTorch model {text!r}", hint=_ONNX_HINT,
+                error=MissingEngineError)
+        return _torch_engine()(text, parameter=parameter, device=device)
     raise ModelError(
         f"{parameter}: {text!r} is not a model terrapatch can serve (expected a SavedModel "
-        "directory, a .keras file or an .onnx file)"
+        "directory, a .keras, .onnx, .pt2 (torch.export) or .pt (TorchScript) file)"
     )
+
+
+def _torch_engine() -> type[TorchEngine]:
+    """:class:`terrapatch.pytorch.engine.TorchEngine`, imported on first use (it imports torch)."""
+    from terrapatch.pytorch.engine import TorchEngine
+
+    return TorchEngine
 
 
 # ---------------------------------------------------------------------- TF SavedModel
@@ -286,16 +389,21 @@ class SavedModelEngine(Engine):
         Signature to use; default ``serving_default`` if present, else the first.
     parameter
         Parameter name quoted in error messages.
+    device
+        ``"auto"``, ``"cpu"`` or ``"cuda"`` (see :func:`tensorflow_device`).
     """
 
     kind = "SavedModel"
 
     def __init__(self, path: str, tags: Sequence[str] | None = None,
-                 signature: str | None = None, parameter: str = "model.dir") -> None:
+                 signature: str | None = None, parameter: str = "model.dir",
+                 device: str = "auto") -> None:
         tf = import_tensorflow(f"{parameter}: serving the SavedModel {path!r}", hint=_ONNX_HINT,
                                error=MissingEngineError)
+        self.device, self._tf_device = tensorflow_device(tf, device, f"the SavedModel {path!r}")
         try:
-            loaded = tf.saved_model.load(path, tags=list(tags) if tags else None)
+            with tf.device(self._tf_device):
+                loaded = tf.saved_model.load(path, tags=list(tags) if tags else None)
         except Exception as exc:
             raise ModelError(
                 f"{parameter}: cannot load the SavedModel {path!r}: {_first_line(exc)}"
@@ -326,8 +434,22 @@ class SavedModelEngine(Engine):
     def _run(self, feed: dict[str, np.ndarray], outputs: list[str]) -> dict[str, Any]:
         import tensorflow as tf
 
-        result = self._fn(**{k: tf.convert_to_tensor(v) for k, v in feed.items()})
+        with tf.device(self._tf_device):
+            result = self._fn(**{k: tf.convert_to_tensor(v) for k, v in feed.items()})
         return {k: result[k].numpy() for k in outputs}
+
+
+def tensorflow_device(tf: Any, device: str, model: str,
+                      parameter: str = "device") -> tuple[str, str]:
+    """``(device, tf_device)``: ``"cuda"``/``"cpu"`` and the ``tf.device`` scope to run in.
+
+    A GPU counts when ``tf.config.list_physical_devices("GPU")`` lists one (it is
+    visible to TensorFlow); the model then runs under ``tf.device("/GPU:0")``, else
+    under ``tf.device("/CPU:0")``.
+    """
+    has_gpu = bool(tf.config.list_physical_devices("GPU"))
+    where = resolve_device(device, has_gpu, f"TensorFlow (for {model})", parameter)
+    return where, "/GPU:0" if where == "cuda" else "/CPU:0"
 
 
 def check_keras_file(path: str | os.PathLike[str], parameter: str = "model.dir") -> None:
@@ -376,14 +498,22 @@ class KerasEngine(Engine):
         ``.keras`` file.
     parameter
         Parameter name quoted in error messages.
+    device
+        ``"auto"``, ``"cpu"`` or ``"cuda"``: under the TensorFlow backend, where the
+        model runs (see :func:`tensorflow_device`); other backends place it themselves.
     """
 
     kind = "Keras model"
 
     def __init__(self, path: str, parameter: str = "model.dir",
-                 _model: Any = None) -> None:
+                 _model: Any = None, device: str = "auto") -> None:
         keras = import_keras(f"{parameter}: serving the Keras model {path!r}", hint=_ONNX_HINT,
                              error=MissingEngineError)
+        self._tf_device: str | None = None
+        self.device = check_device(device)
+        if keras.backend.backend() == "tensorflow":
+            self.device, self._tf_device = tensorflow_device(
+                sys.modules["tensorflow"], device, f"the Keras model {path!r}")
         if _model is None:
             check_keras_file(path, parameter)
             _register_layers()
@@ -424,9 +554,9 @@ class KerasEngine(Engine):
         self._functions: dict[tuple[str, ...], Any] = {}
 
     @classmethod
-    def from_model(cls, model: Any) -> KerasEngine:
+    def from_model(cls, model: Any, device: str = "auto") -> KerasEngine:
         """Wrap an in-memory :class:`keras.Model`."""
-        return cls("<memory>", _model=model)
+        return cls("<memory>", _model=model, device=device)
 
     def _function(self, outputs: tuple[str, ...]) -> Any:
         fn = self._functions.get(outputs)
@@ -456,7 +586,14 @@ class KerasEngine(Engine):
     def _run(self, feed: dict[str, np.ndarray], outputs: list[str]) -> dict[str, Any]:
         import keras
 
-        result = self._function(tuple(dict.fromkeys(outputs)))(feed)
+        fn = self._function(tuple(dict.fromkeys(outputs)))
+        if self._tf_device is None:
+            result = fn(feed)
+        else:
+            import tensorflow as tf
+
+            with tf.device(self._tf_device):
+                result = fn(feed)
         return {k: keras.ops.convert_to_numpy(result[k]) for k in outputs}
 
 
@@ -484,7 +621,7 @@ def _env_threads(name: str) -> int:
 
 
 class OnnxEngine(Engine):
-    """An ONNX model run with onnxruntime (CPU, or CUDA when available).
+    """An ONNX model run with onnxruntime (CPU, or CUDA: see ``device``).
 
     Names ending in ``:0`` (as tf2onnx writes them) are also reachable without it.
 
@@ -497,11 +634,16 @@ class OnnxEngine(Engine):
     threads
         Intra-op threads (0: ``TERRAPATCH_ONNX_THREADS`` if set, else onnxruntime's
         default, all cores; local Dask clusters set it to ``cores // workers``).
+    device
+        ``"auto"`` (onnxruntime's ``CUDAExecutionProvider`` when available, else the
+        CPU), ``"cpu"`` or ``"cuda"`` (an error when the CUDA provider is not
+        available or does not start).
     """
 
     kind = "ONNX model"
 
-    def __init__(self, path: str, parameter: str = "model.dir", threads: int = 0) -> None:
+    def __init__(self, path: str, parameter: str = "model.dir", threads: int = 0,
+                 device: str = "auto") -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -513,14 +655,21 @@ class OnnxEngine(Engine):
         # other threads while the model runs, and spinning workers would starve them.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
-                     if p in ort.get_available_providers()]
+        cuda = "CUDAExecutionProvider"
+        what = f"onnxruntime (for the ONNX model {path!r})"
+        self.device = resolve_device(device, cuda in ort.get_available_providers(), what)
+        providers = [cuda, "CPUExecutionProvider"] if self.device == "cuda" else [
+            "CPUExecutionProvider"]
         try:
             session = ort.InferenceSession(path, options, providers=providers)
         except Exception as exc:
             raise ModelError(
                 f"{parameter}: cannot load the ONNX model {path!r}: {_first_line(exc)}"
             ) from None
+        if self.device == "cuda" and cuda not in session.get_providers():
+            if check_device(device) == "cuda":  # the provider is installed but did not start
+                resolve_device(device, False, what)
+            self.device = "cpu"
 
         def info(arg: Any) -> TensorInfo:
             dims = tuple(d if isinstance(d, int) else None for d in arg.shape)
