@@ -106,12 +106,13 @@ class TensorflowModelServe(App):
         Param("std", "strs", "then divide by this per-band standard deviation"),
     )
     params = (
-        Param("model.dir", "path", "SavedModel directory, .keras file or .onnx file",
-              required=True),
+        Param("model.dir", "path", "SavedModel directory, .keras, .onnx, .pt2 (torch.export) "
+              "or .pt (TorchScript) file; what it records (docs/models.md) fills the "
+              "parameters left out", required=True),
         Param("model.userplaceholders", "strs", "extra model inputs: name=value, "
               "name=(v1, v2...), name=true|false"),
-        Param("model.fullyconv", "bool", "fully-convolutional mode (one tensor per tile)",
-              default=False),
+        Param("model.fullyconv", "bool", "fully-convolutional mode (one tensor per tile; "
+              "default: recorded in the model, else off)"),
         Param("model.layout", "choice", "image tensors channels last (nhwc: TensorFlow, "
               "Keras) or first (nchw: PyTorch exports); default: detected from the model",
               choices=("nhwc", "nchw")),
@@ -120,7 +121,8 @@ class TensorflowModelServe(App):
         Param("output.names", "strs", "model outputs stacked as bands "
               "(default: first output in alphabetical order)"),
         Param("output.spcscale", "float", "output spacing in source-1 pixels: an integer k, "
-              "or 1/k (0.5, 0.25) for super-resolution", default=1.0),
+              "or 1/k (0.5, 0.25) for super-resolution (default: recorded in the model, "
+              "else 1)"),
         Param("output.efieldx", "int", "expression field width (default: derived from the "
               "model in fully-convolutional mode, 1 otherwise)"),
         Param("output.efieldy", "int", "expression field height (default: efieldx)"),
@@ -174,8 +176,8 @@ class TensorflowModelServe(App):
             self.get("model.dir"),
             out.path,
             output_names=list(self.get("output.names") or ()),
-            fullyconv=bool(self.get("model.fullyconv")),
-            spcscale=int(spcscale) if float(spcscale).is_integer() else spcscale,
+            fullyconv=self.get("model.fullyconv"),
+            spcscale=spcscale,
             efield=None if ex is None else (ex, ey or ex),
             tile_size=None if tx is None else (tx, ty or tx),
             box=out.ext.box,

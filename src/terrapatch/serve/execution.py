@@ -37,7 +37,15 @@ from terrapatch.serve.sinks import (
     write_vrt,
 )
 from terrapatch.serve.tilecopy import copy_tiles
-from terrapatch.writer import MapFormat, PendingOutput, convert_pixels, count_unfit
+from terrapatch.writer import (
+    LEGEND_DTYPES,
+    LEGEND_SIDECARS,
+    MapFormat,
+    PendingOutput,
+    apply_legend,
+    convert_pixels,
+    count_unfit,
+)
 
 __all__ = ["Execution", "batches_of"]
 
@@ -283,4 +291,7 @@ class Execution:
             to_cog(self.map_file, final, fmt, self.dtype)
         if self.store is not None or fmt.driver == "COG":
             self.assemble_seconds = time.perf_counter() - start
-        pending.commit(final)
+        if (fmt.colormap or fmt.class_names) and self.dtype.name in LEGEND_DTYPES:
+            # Category names live in the PAM sidecar, where QGIS and GDAL read a legend.
+            apply_legend(final, fmt.colormap, fmt.class_names)
+        pending.commit(final, sidecars=LEGEND_SIDECARS)

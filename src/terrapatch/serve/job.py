@@ -23,7 +23,7 @@ import math
 import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -68,9 +68,11 @@ from terrapatch.serve.probe import (
     measure_halo,
     probe_tile,
 )
+from terrapatch.serve.recorded import Recorded, recorded_for
 from terrapatch.serve.runner import ServeStats, TileRunner
 from terrapatch.serve.transforms import Argmax, Normalization, check_normalizations
 from terrapatch.writer import (
+    LEGEND_DTYPES,
     MapFormat,
     Output,
     PendingOutput,
@@ -224,6 +226,7 @@ class ServeJob:
     model_path: str | None = None
     margin: tuple[int, int] = (0, 0)
     tile_batch: int = 1
+    recorded: Recorded = field(default_factory=Recorded)
 
     @property
     def output_grid(self) -> Grid:
@@ -348,6 +351,11 @@ class ServeJob:
             raise InputError(f"block_tiles: {block_tiles!r} must be ≥ 1")
         if sink is not None and sink not in SINKS:
             raise InputError(f"sink: {sink!r} is not one of {', '.join(SINKS)}")
+        if colormap is None and class_names is None and self.runner.bands == 1 \
+                and dtype.name in LEGEND_DTYPES:
+            # A class map gets the classes the model records (names and colours).
+            colormap = self.recorded.defaults.get("colormap")
+            class_names = self.recorded.defaults.get("class_names")
         fmt = MapFormat.for_path(
             out, output_format, dict(creation_options or {}), overview_resampling,
             {int(k): tuple(v) for k, v in colormap.items()} if colormap else None,
@@ -446,8 +454,8 @@ def prepare_serve(
     sources: Sequence[Source],
     model: Any,
     output_names: Sequence[str] | str | None = None,
-    fullyconv: bool = False,
-    spcscale: float | Fraction = 1,
+    fullyconv: bool | None = None,
+    spcscale: float | Fraction | str | None = None,
     efield: int | Sequence[int] | None = None,
     tile_size: int | Sequence[int] | None = None,
     box: Sequence[int] | None = None,
@@ -474,6 +482,14 @@ def prepare_serve(
     """
     sources = check_sources(sources)
     grids = [s.grid for s in sources]  # opens every source: missing/unreadable files fail here
+    recorded = recorded_for(model)
+    sources = recorded.sources(sources)
+    fullyconv = bool(recorded.value(fullyconv, "fullyconv", False))
+    spcscale = recorded.value(spcscale, "spcscale", 1)
+    efield = recorded.value(efield, "efield", None)
+    output_names = recorded.value(output_names or None, "output_names", None)
+    model_layout = recorded.value(model_layout, "model_layout", None)
+    normalization = recorded.normalizations(normalization, sources)
     device = check_device(device)
     if engine is None:
         engine = load_engine(model, device=device)
@@ -595,7 +611,8 @@ def prepare_serve(
                 "fully-convolutional" if fullyconv else "patch-based", model_layout)
     batch = _tile_batch(tile_batch, getattr(engine, "device", "cpu"))
     return ServeJob(sources, engine, layout, geometry, derived, runner, crop, adjusted, tiles,
-                    model_path=_model_path(model, engine), margin=margin_px, tile_batch=batch)
+                    model_path=_model_path(model, engine), margin=margin_px, tile_batch=batch,
+                    recorded=recorded)
 
 
 def _tile_batch(value: int | None, device: str) -> int:
@@ -701,8 +718,8 @@ def serve(
     model: Any,
     out: str | os.PathLike[str],
     output_names: Sequence[str] | str | None = None,
-    fullyconv: bool = False,
-    spcscale: float | Fraction = 1,
+    fullyconv: bool | None = None,
+    spcscale: float | Fraction | str | None = None,
     efield: int | Sequence[int] | None = None,
     tile_size: int | Sequence[int] | None = None,
     box: Sequence[int] | None = None,

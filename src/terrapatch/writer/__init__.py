@@ -12,7 +12,8 @@ input or another output, wrong extensions and invalid GDAL creation options.
 Modules: :mod:`~terrapatch.writer.pixels` (pixel types, conversion),
 :mod:`~terrapatch.writer.formats` (extended file names, GeoTIFF profiles, map formats),
 :mod:`~terrapatch.writer.pending` (pending folders, locks, atomic commits),
-:mod:`~terrapatch.writer.checks` (the checks and claims).
+:mod:`~terrapatch.writer.checks` (the checks and claims),
+:mod:`~terrapatch.writer.legend` (a class map's colour table and category names).
 """
 
 from terrapatch.writer.checks import (
@@ -35,6 +36,13 @@ from terrapatch.writer.formats import (
     parse_extended_filename,
     split_extended_path,
 )
+from terrapatch.writer.legend import (
+    LEGEND_DTYPES,
+    LEGEND_SIDECARS,
+    apply_legend,
+    legend_sidecar,
+    read_category_names,
+)
 from terrapatch.writer.pending import (
     PendingOutput,
     atomic_directory,
@@ -55,6 +63,8 @@ from terrapatch.writer.pixels import PIXEL_TYPES, convert_pixels, count_unfit, p
 __all__ = [
     "DRIVERS",
     "EXTENSIONS",
+    "LEGEND_DTYPES",
+    "LEGEND_SIDECARS",
     "OUTPUT_KINDS",
     "PIXEL_TYPES",
     "RESAMPLINGS",
@@ -62,6 +72,7 @@ __all__ = [
     "MapFormat",
     "Output",
     "PendingOutput",
+    "apply_legend",
     "atomic_directory",
     "atomic_output",
     "cannot_write",
@@ -80,10 +91,12 @@ __all__ = [
     "geotiff_profile",
     "is_staged",
     "is_write_failure",
+    "legend_sidecar",
     "output_group",
     "parse_extended_filename",
     "pending_folder",
     "pixel_dtype",
+    "read_category_names",
     "split_extended_path",
     "vrt_members",
 ]

@@ -208,9 +208,22 @@ class PendingOutput:
         """A path inside the pending folder."""
         return self.dir / name
 
-    def commit(self, finished: Path) -> None:
-        """Move a finished file of the pending folder to the output's name."""
+    def commit(self, finished: Path, sidecars: tuple[str, ...] = ()) -> None:
+        """Move a finished file of the pending folder to the output's name.
+
+        ``sidecars`` are suffixes of files that go with it (``(".aux.xml",)``: a map's
+        legend, see :mod:`terrapatch.writer.legend`): each ``finished + suffix`` is moved
+        to ``target + suffix`` first, and a stale ``target + suffix`` of an earlier run
+        is removed when this run has none.
+        """
         try:
+            for suffix in sidecars:
+                extra, old = Path(f"{finished}{suffix}"), Path(f"{self.target}{suffix}")
+                if extra.exists():
+                    os.chmod(extra, 0o666 & ~current_umask())
+                    os.replace(extra, old)
+                elif old.exists():
+                    old.unlink()
             os.chmod(finished, 0o666 & ~current_umask())
             os.replace(finished, self.target)
         except OSError as exc:
