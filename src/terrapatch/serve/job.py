@@ -483,10 +483,12 @@ def prepare_serve(
     sources = check_sources(sources)
     grids = [s.grid for s in sources]  # opens every source: missing/unreadable files fail here
     recorded = recorded_for(model)
+    fields_given = any(s.patch_size is not None for s in sources)
     sources = recorded.sources(sources)
     fullyconv = bool(recorded.value(fullyconv, "fullyconv", False))
     spcscale = recorded.value(spcscale, "spcscale", 1)
-    efield = recorded.value(efield, "efield", None)
+    if not fields_given:  # the recorded expression field goes with the recorded fields
+        efield = recorded.value(efield, "efield", None)
     output_names = recorded.value(output_names or None, "output_names", None)
     model_layout = recorded.value(model_layout, "model_layout", None)
     normalization = recorded.normalizations(normalization, sources)
