@@ -160,8 +160,8 @@ def test_placement_rule_property(width, height, psize, step, offx, offy, x0, y0,
                                 if s % step == (offx + 1) % step}
     cols, rows = np.meshgrid(sx, sy)
     cols, rows = cols.ravel(), rows.ravel()
-    x, y = S._pixel_centres(grid, S.patch_reference_pixels(cols, psize),
-                            S.patch_reference_pixels(rows, psize))
+    x, y = grid.xy_of(S.patch_reference_pixels(cols, psize),
+                      S.patch_reference_pixels(rows, psize))
     layout = Layout((grid,), ((psize, psize),), factor=1)
     (wc, wr), = layout.sample_windows(x, y)
     assert np.array_equal(wc, cols) and np.array_equal(wr, rows)

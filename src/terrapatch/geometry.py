@@ -519,6 +519,14 @@ class Layout:
             regions.append(Window(c0, r0, int(cols[-1]) + rx - c0, int(rows[-1]) + ry - r0))
         return regions
 
+    def cell_centres(self, cells_x: np.ndarray, cells_y: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray]:
+        """World ``(x, y)`` of G cell centres ``(k, l)``: inverse of :meth:`cells_of_points`."""
+        t = self.cell_transform()
+        k = np.asarray(cells_x, dtype=np.float64) + 0.5
+        l_ = np.asarray(cells_y, dtype=np.float64) + 0.5
+        return t.c + k * t.a, t.f + l_ * t.e
+
 
 # ============================================================================ output tiling
 
