@@ -3,10 +3,16 @@
 :class:`PatchesImagesReader` reads the patches images of several sources (one list
 of files per source key, sample ``n`` at index ``n`` in every source) either fully
 into memory or lazily (streaming, bounded memory). :class:`DatasetFromPatchesImages`
-turns a reader into a ``tf.data.Dataset`` in which every epoch yields every sample
-exactly once, in a new random order, optionally preprocessed and split into the
-``(inputs, targets)`` dicts Keras expects. The patches-image layout itself is owned by
-:mod:`terrapatch.patches`.
+turns a reader into a ``tf.data.Dataset`` (:meth:`~DatasetFromPatchesImages.get_tf_dataset`)
+or a backend-neutral :class:`keras.utils.PyDataset` of numpy batches
+(:meth:`~DatasetFromPatchesImages.get_keras_dataset`, :class:`PatchesPyDataset`), in
+which every epoch yields every sample exactly once, in a new random order, optionally
+preprocessed and split into the ``(inputs, targets)`` dicts Keras expects. Both feed
+``keras.Model.fit`` under any Keras backend; the second needs no TensorFlow. The
+patches-image layout itself is owned by :mod:`terrapatch.patches`.
+
+This module imports neither TensorFlow nor Keras until a dataset is asked for (the
+PyTorch loaders of :mod:`terrapatch.pytorch` use the reader without them).
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
 import rasterio
@@ -26,9 +32,12 @@ from terrapatch.errors import InputError
 from terrapatch.patches import PatchesInfo, read_patches, read_patches_info
 
 if TYPE_CHECKING:
+    import keras
     import tensorflow as tf
 
-__all__ = ["DatasetFromPatchesImages", "PatchesImagesReader"]
+    PatchesPyDataset: TypeAlias = keras.utils.PyDataset
+
+__all__ = ["DatasetFromPatchesImages", "PatchesImagesReader", "PatchesPyDataset"]
 
 log = logging.getLogger(__name__)
 
@@ -231,6 +240,35 @@ class PatchesImagesReader:
             return {key: files.read(key, _Block(file_index, offset, 1))[0].copy()
                     for key in self.keys}
 
+    def read_samples(self, indices: Sequence[int] | np.ndarray) -> dict[str, np.ndarray]:
+        """Return samples ``indices`` (in that order) as ``{key: (n, rows, cols, bands)}``.
+
+        When streaming, runs of consecutive indices of one file are read with one
+        window read per source.
+        """
+        index = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if index.size and (index.min() < 0 or index.max() >= self.size):
+            bad = index[(index < 0) | (index >= self.size)][0]
+            raise InputError(f"index: {int(bad)} outside [0, {self.size})")
+        if self._arrays is not None:
+            return {key: array[index] for key, array in self._arrays.items()}
+        order = np.argsort(index, kind="stable")
+        wanted = index[order]
+        files = np.searchsorted(self._file_starts, wanted, side="right") - 1
+        # A new run starts where the index is not the previous one + 1 or the file changes.
+        starts = np.flatnonzero(np.r_[True, (np.diff(wanted) != 1) | (np.diff(files) != 0)])
+        ends = np.r_[starts[1:], wanted.size]
+        blocks = [_Block(int(files[a]), int(wanted[a] - self._file_starts[files[a]]),
+                         int(b - a)) for a, b in zip(starts, ends, strict=True)]
+        parts = list(self.iter_blocks(blocks))
+        out = {}
+        for key in self.keys:
+            sorted_samples = np.concatenate([part[key] for part in parts])
+            samples = np.empty_like(sorted_samples)
+            samples[order] = sorted_samples
+            out[key] = samples
+        return out
+
     def blocks(self, block_size: int) -> list[_Block]:
         """Split the samples into runs of at most ``block_size`` consecutive samples.
 
@@ -317,7 +355,11 @@ class _StatsAccumulator:
 
 
 class DatasetFromPatchesImages:
-    """A training dataset over patches images, fed to Keras through ``tf.data``.
+    """A training dataset over patches images, fed to Keras through ``tf.data`` or numpy.
+
+    :meth:`get_tf_dataset` builds a ``tf.data.Dataset`` (OTBTF's API);
+    :meth:`get_keras_dataset` the same batches as a :class:`keras.utils.PyDataset` of
+    numpy arrays, which trains under any Keras backend without TensorFlow.
 
     Parameters
     ----------
@@ -344,6 +386,7 @@ class DatasetFromPatchesImages:
     --------
     >>> ds = DatasetFromPatchesImages({"img": ["a_img.tif"], "labels": ["a_lab.tif"]})
     >>> train = ds.get_tf_dataset(batch_size=8, targets_keys=["labels"])
+    >>> train = ds.get_keras_dataset(batch_size=8, targets_keys=["labels"])  # any backend
     """
 
     def __init__(
@@ -407,9 +450,21 @@ class DatasetFromPatchesImages:
                 index = order[first:first + step]
                 yield {key: array[index] for key, array in arrays.items()}
             return
+        for pending, perm in self._stream_plan(shuffle, rng):
+            parts = list(self.reader.iter_blocks(pending))
+            chunk = {key: np.concatenate([p[key] for p in parts]) for key in self.reader.keys}
+            if perm is not None:
+                chunk = {key: array[perm] for key, array in chunk.items()}
+            yield chunk
+
+    def _stream_plan(
+        self, shuffle: bool, rng: np.random.Generator
+    ) -> list[tuple[list[_Block], np.ndarray | None]]:
+        """Return the buffers of one streamed epoch: their runs and in-buffer permutation."""
         blocks = self.reader.blocks(self._block_size())
         if shuffle:
             blocks = [blocks[i] for i in rng.permutation(len(blocks))]
+        plan: list[tuple[list[_Block], np.ndarray | None]] = []
         pending: list[_Block] = []
         held = 0
         for position, block in enumerate(blocks):
@@ -417,13 +472,31 @@ class DatasetFromPatchesImages:
             held += block.count
             if held < self.buffer_length and position < len(blocks) - 1:
                 continue
-            parts = list(self.reader.iter_blocks(pending))
-            chunk = {key: np.concatenate([p[key] for p in parts]) for key in self.reader.keys}
-            if shuffle:
-                perm = rng.permutation(held)
-                chunk = {key: array[perm] for key, array in chunk.items()}
-            yield chunk
+            plan.append((pending, rng.permutation(held) if shuffle else None))
             pending, held = [], 0
+        return plan
+
+    def epoch_order(
+        self, shuffle: bool = True, rng: np.random.Generator | None = None
+    ) -> np.ndarray:
+        """Return the sample indices of one epoch, in the order :meth:`iter_chunks` yields them.
+
+        In memory, a uniform permutation; when streaming, runs of consecutive samples
+        in a random order, shuffled by buffers of ``buffer_length`` samples (so that
+        the reads of a batch stay few and contiguous).
+        """
+        rng = rng if rng is not None else np.random.default_rng()
+        if self.reader._arrays is not None:
+            return rng.permutation(self.size) if shuffle else np.arange(self.size)
+        starts = self.reader._file_starts
+        parts = []
+        for pending, perm in self._stream_plan(shuffle, rng):
+            index = np.concatenate([
+                np.arange(block.count) + starts[block.file_index] + block.start
+                for block in pending
+            ])
+            parts.append(index if perm is None else index[perm])
+        return np.concatenate(parts).astype(np.int64)
 
     def _samples_tf_dataset(
         self,
@@ -529,6 +602,95 @@ class DatasetFromPatchesImages:
         ds = self._samples_tf_dataset(shuffle=shuffle, seed=seed, transform=transform)
         return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
 
+    def get_keras_dataset(
+        self,
+        batch_size: int,
+        preprocessing_fn: Callable[[dict[str, Any]], Any] | None = None,
+        targets_keys: Sequence[str] | None = None,
+        drop_remainder: bool = True,
+        shuffle: bool = True,
+        seed: int | None = None,
+        workers: int = 1,
+        use_multiprocessing: bool = False,
+        max_queue_size: int = 10,
+    ) -> PatchesPyDataset:
+        """Return a :class:`keras.utils.PyDataset` of numpy batches, for any Keras backend.
+
+        The batches are those of :meth:`get_tf_dataset` (same arguments, same
+        ``(inputs, targets)`` structure, every sample once per epoch in a new random
+        order), built with numpy instead of ``tf.data``: ``keras.Model.fit`` takes the
+        result under the tensorflow, torch and jax backends without TensorFlow.
+
+        Parameters
+        ----------
+        batch_size, targets_keys, drop_remainder, shuffle, seed
+            As in :meth:`get_tf_dataset`.
+        preprocessing_fn
+            Function mapping one sample dict ``{key: numpy array (rows, cols, bands)}``
+            to a new dict (or any structure when ``targets_keys`` is None). It runs
+            eagerly, sample by sample, on numpy arrays: write it with numpy or
+            ``keras.ops`` (e.g. :func:`terrapatch.ops.one_hot`); tensors it returns
+            are converted to numpy.
+        workers, use_multiprocessing, max_queue_size
+            :class:`keras.utils.PyDataset` prefetching (default: batches built in the
+            training loop's thread). With several workers the batches of an epoch
+            are still every sample once, in an order that depends on thread timing.
+
+        Returns
+        -------
+        PatchesPyDataset
+            Its ``element_spec`` (``(inputs, targets)`` dicts of
+            :class:`keras.KerasTensor` with the batch axis first) builds a
+            :class:`terrapatch.model.ModelBase` as a ``tf.data`` element spec does.
+
+        Raises
+        ------
+        InputError
+            As :meth:`get_tf_dataset`.
+        MissingExtraError
+            If Keras is not installed.
+
+        Notes
+        -----
+        ``fit(shuffle=True)`` (Keras's default) also shuffles the order of the batches
+        of a ``PyDataset``; the sample order within the epoch is already random here.
+        """
+        from terrapatch._optional import import_keras
+
+        keras = import_keras("get_keras_dataset: a Keras dataset of patches")
+        if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size <= 0:
+            raise InputError(f"batch_size: {batch_size!r} must be a positive integer")
+        batch_size = int(batch_size)
+        if drop_remainder and batch_size > self.size:
+            raise InputError(
+                f"batch_size: {batch_size} is larger than the {self.size} samples and "
+                "drop_remainder=True: the dataset would be empty"
+            )
+        zeros = {key: np.zeros(shape, self.reader.dtypes[key])
+                 for key, shape in self.reader.patch_shapes.items()}
+        sample: Any = zeros
+        if preprocessing_fn is not None:
+            # Run the function once on a zero sample to check what it returns.
+            sample = _to_numpy_tree(keras, preprocessing_fn(zeros))
+            if targets_keys and not isinstance(sample, Mapping):
+                raise InputError(
+                    f"preprocessing_fn: {_callable_name(preprocessing_fn)} must return a "
+                    f"dict of tensors when targets_keys is given, returned "
+                    f"{type(sample).__name__}"
+                )
+        split = _splitter(sample, list(targets_keys), preprocessing_fn) if targets_keys else None
+        structure = split(sample) if split is not None else sample
+        batch_dim = batch_size if drop_remainder else None
+        element_spec = keras.tree.map_structure(
+            lambda a: keras.KerasTensor((batch_dim, *np.shape(a)), dtype=str(np.asarray(a).dtype)),
+            structure,
+        )
+        return _py_dataset_class()(
+            self, batch_size, preprocessing_fn, split, element_spec,
+            drop_remainder=drop_remainder, shuffle=shuffle, seed=seed, workers=workers,
+            use_multiprocessing=use_multiprocessing, max_queue_size=max_queue_size,
+        )
+
     def to_tfrecords(
         self, output_dir: PathLike, n_samples_per_shard: int = 100, drop_remainder: bool = True
     ) -> Path:
@@ -542,6 +704,104 @@ class DatasetFromPatchesImages:
         records.ds2tfrecord(self, n_samples_per_shard=n_samples_per_shard,
                             drop_remainder=drop_remainder)
         return records.path
+
+
+def _to_numpy_tree(keras: Any, structure: Any) -> Any:
+    """Return ``structure`` with every tensor leaf (any backend, or TensorFlow) as numpy."""
+    def leaf(value: Any) -> np.ndarray:
+        if isinstance(value, np.ndarray):
+            return value
+        if keras.ops.is_tensor(value):
+            return np.asarray(keras.ops.convert_to_numpy(value))
+        return np.asarray(value)  # numpy scalars, TensorFlow tensors under another backend
+
+    return keras.tree.map_structure(leaf, structure)
+
+
+_PY_DATASET_CLASS: type[Any] | None = None
+
+
+def _py_dataset_class() -> type[Any]:
+    """Return :class:`PatchesPyDataset`, defined on first use (it subclasses a Keras class)."""
+    global _PY_DATASET_CLASS
+    if _PY_DATASET_CLASS is not None:
+        return _PY_DATASET_CLASS
+    from terrapatch._optional import import_keras
+
+    keras = import_keras("PatchesPyDataset: a Keras dataset of patches")
+
+    class PatchesPyDataset(keras.utils.PyDataset):  # type: ignore[name-defined,misc]
+        """Batches of a :class:`DatasetFromPatchesImages` as numpy arrays, for any backend.
+
+        Built by :meth:`DatasetFromPatchesImages.get_keras_dataset`; batch ``i`` of an
+        epoch holds samples ``order[i·B:(i+1)·B]`` of the epoch's order
+        (:meth:`DatasetFromPatchesImages.epoch_order`), drawn anew after every epoch
+        (:meth:`on_epoch_end`). Indexing is random access: ``fit`` may ask for the
+        batches in any order.
+
+        Attributes
+        ----------
+        dataset : DatasetFromPatchesImages
+            The samples.
+        batch_size : int
+            Samples per batch.
+        element_spec
+            Structure of the batches (``(inputs, targets)`` dicts of
+            :class:`keras.KerasTensor`; batch axis None without ``drop_remainder``).
+        """
+
+        def __init__(self, dataset: DatasetFromPatchesImages, batch_size: int,
+                     preprocessing_fn: Callable[[dict[str, Any]], Any] | None,
+                     split: Callable[[dict[str, Any]], Any] | None, element_spec: Any,
+                     drop_remainder: bool = True, shuffle: bool = True,
+                     seed: int | None = None, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.dataset = dataset
+            self.batch_size = batch_size
+            self.element_spec = element_spec
+            self._preprocessing_fn = preprocessing_fn
+            self._split = split
+            self._drop_remainder = drop_remainder
+            self._shuffle = shuffle
+            self._rng = np.random.default_rng(seed)
+            self._order = dataset.epoch_order(shuffle=shuffle, rng=self._rng)
+
+        def __len__(self) -> int:
+            """Return the number of batches per epoch."""
+            size, b = self.dataset.size, self.batch_size
+            return size // b if self._drop_remainder else -(-size // b)
+
+        def __getitem__(self, index: int) -> Any:
+            """Return batch ``index`` of the current epoch (numpy arrays)."""
+            if isinstance(index, bool) or not 0 <= int(index) < len(self):
+                raise IndexError(f"batch {index!r} outside [0, {len(self)})")
+            first = int(index) * self.batch_size
+            samples = self.dataset.reader.read_samples(
+                self._order[first:first + self.batch_size])
+            if self._preprocessing_fn is None:
+                return samples if self._split is None else self._split(samples)
+            count = len(next(iter(samples.values())))
+            fn, split = self._preprocessing_fn, self._split
+            outputs = []
+            for row in range(count):
+                out = _to_numpy_tree(keras, fn({key: a[row] for key, a in samples.items()}))
+                outputs.append(out if split is None else split(out))
+            return keras.tree.map_structure(lambda *leaves: np.stack(leaves), *outputs)
+
+        def on_epoch_end(self) -> None:
+            """Draw the sample order of the next epoch."""
+            self._order = self.dataset.epoch_order(shuffle=self._shuffle, rng=self._rng)
+
+    PatchesPyDataset.__module__ = __name__
+    _PY_DATASET_CLASS = PatchesPyDataset
+    return PatchesPyDataset
+
+
+def __getattr__(name: str) -> Any:
+    """Define :class:`PatchesPyDataset` on first access (it needs Keras)."""
+    if name == "PatchesPyDataset":
+        return _py_dataset_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _compose(

@@ -10,6 +10,12 @@ line: ``terrapatch export MODEL.keras --savedmodel DIR --onnx FILE`` (also
 ``python -m terrapatch.export``). Exporting needs the ``tensorflow`` extra
 (TensorFlow, Keras, tf2onnx, onnx); without it the export fails in one line saying
 ``pip install 'terrapatch[tensorflow]'``.
+
+Both exports trace the model with ``tf.function``, so they run under Keras's
+TensorFlow backend only; a model trained under torch or jax is exported from its
+``.keras`` file in a TensorFlow-backend process (``KERAS_BACKEND=tensorflow
+terrapatch export MODEL.keras ...``), and an export asked for under another backend
+fails in one line saying so.
 """
 
 from __future__ import annotations
@@ -43,6 +49,24 @@ __all__ = ["export_model", "export_onnx", "export_savedmodel", "main"]
 def _tensorflow() -> Any:
     """TensorFlow, imported quietly, or a one-line error naming the ``tensorflow`` extra."""
     return import_tensorflow("export: exporting a model", error=MissingEngineError)
+
+
+def _backend_error(backend: str) -> ModelError:
+    """Return the one-line error for an export asked for under Keras backend ``backend``."""
+    return ModelError(
+        "export: the SavedModel and ONNX exports need KERAS_BACKEND=tensorflow (this "
+        f"process runs Keras on {backend}); save the model as .keras and run "
+        "`KERAS_BACKEND=tensorflow terrapatch export MODEL.keras --savedmodel DIR "
+        "--onnx FILE`"
+    )
+
+
+def _check_backend() -> None:
+    """Fail in one line unless Keras runs on its TensorFlow backend in this process."""
+    keras = import_keras("export: exporting a model", error=MissingEngineError)
+    backend = keras.backend.backend()
+    if backend != "tensorflow":
+        raise _backend_error(backend)
 
 
 def _input_signature(model: Any) -> list[Any]:
@@ -83,9 +107,15 @@ def export_savedmodel(model: Any, path: str | os.PathLike[str]) -> Path:
 
     The ``serving_default`` signature takes the model inputs by name and returns the
     model outputs by key; an existing directory at ``path`` is replaced.
+
+    Raises
+    ------
+    ModelError
+        If Keras does not run on its TensorFlow backend in this process.
     """
     target = Path(path)
     tf = _tensorflow()
+    _check_backend()
 
     serve = _serving_function(model)
     module = tf.Module()
@@ -112,9 +142,11 @@ def export_onnx(model: Any, path: str | os.PathLike[str], opset: int | None = No
     MissingEngineError
         If tf2onnx or onnx is missing (a :class:`ModelError`).
     ModelError
-        If tf2onnx cannot convert an operation of the model.
+        If tf2onnx cannot convert an operation of the model, or Keras does not run on
+        its TensorFlow backend in this process.
     """
     tf2onnx = _onnx_converter()
+    _check_backend()
     serve = _serving_function(model)
     specs = _input_signature(model)
     with atomic_output(path, "onnx") as tmp:
@@ -179,7 +211,9 @@ def export_model(
     MissingEngineError
         If the ``tensorflow`` extra (TensorFlow, Keras, tf2onnx for ONNX) is missing.
     ModelError
-        If the model cannot be loaded or converted.
+        If the model cannot be loaded or converted, or Keras does not run on its
+        TensorFlow backend in this process (``KERAS_BACKEND`` torch or jax: export
+        the ``.keras`` file from a TensorFlow-backend process).
     OutputError
         If an output cannot be written.
     """
@@ -195,6 +229,7 @@ def export_model(
         # Fail before loading anything when the tensorflow extra is incomplete.
         import_keras(f"export: exporting the Keras model {os.fspath(model_path)!r}",
                      error=MissingEngineError)
+        _check_backend()
         if onnx is not None:
             _onnx_converter()
         with tensorflow_startup():

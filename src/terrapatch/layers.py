@@ -4,9 +4,10 @@ Every layer is registered with ``keras.saving.register_keras_serializable`` unde
 package ``"terrapatch"``, so a ``.keras`` file that uses them loads again in safe mode
 once this module has been imported (``import terrapatch.layers``, or
 :func:`terrapatch.model.load_model`). The layers are written with ``keras.ops`` and
-therefore run on any Keras backend; :class:`Argmax` uses ``tf.math.argmax`` directly
-under the TensorFlow backend, because Keras's own argmax adds bit-level operations
-(negative-zero handling) that ONNX converters cannot translate.
+therefore run on any Keras backend (tensorflow, torch, jax), and a ``.keras`` file
+saved under one backend loads under another; :class:`Argmax` uses ``tf.math.argmax``
+directly under the TensorFlow backend, because Keras's own argmax adds bit-level
+operations (negative-zero handling) that ONNX converters cannot translate.
 """
 
 from __future__ import annotations
@@ -26,13 +27,28 @@ __all__ = ["ApplyMask", "Argmax", "CropBorder", "DilatedMask", "Max", "ScalarsTi
 _PACKAGE = "terrapatch"
 
 
+def _index_dtype() -> str:
+    """Dtype of :class:`Argmax` indices: int64, or int32 under JAX without 64-bit types.
+
+    JAX computes in 32 bits unless ``jax_enable_x64`` is set, and truncates int64
+    requests to int32 with a warning; the layer then declares int32 outright. A
+    ``.keras`` file saved under JAX gives int64 indices again under TensorFlow.
+    """
+    if keras.backend.backend() == "jax":
+        import jax
+
+        if not jax.config.read("jax_enable_x64"):
+            return "int32"
+    return "int64"
+
+
 def _argmax_last_axis(x: Any) -> Any:
-    """Return the int64 argmax of ``x`` over its last axis, exportable to ONNX."""
+    """Return the argmax of ``x`` over its last axis (:func:`_index_dtype`), exportable to ONNX."""
     if keras.backend.backend() == "tensorflow":
         import tensorflow as tf
 
         return tf.math.argmax(x, axis=-1, output_type=tf.int64)
-    return ops.cast(ops.argmax(x, axis=-1), "int64")
+    return ops.cast(ops.argmax(x, axis=-1), _index_dtype())
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -54,7 +70,8 @@ class Argmax(keras.layers.Layer):
 
     Notes
     -----
-    The index is int64 (OTBTF's dtype, and ONNX ``ArgMax``'s).
+    The index is int64 (OTBTF's dtype, and ONNX ``ArgMax``'s); under the JAX backend
+    without ``jax_enable_x64`` it is int32, JAX's widest integer type then.
     """
 
     def __init__(
@@ -81,13 +98,13 @@ class Argmax(keras.layers.Layer):
         return index
 
     def compute_output_spec(self, inputs: Any) -> keras.KerasTensor:
-        """Return the symbolic output: int64 index or float32 one-hot."""
+        """Return the symbolic output: integer index or float32 one-hot."""
         shape = tuple(inputs.shape)
         if self.one_hot:
             return keras.KerasTensor(shape, dtype="float32")
         if self.expand_last_dim:
-            return keras.KerasTensor((*shape[:-1], 1), dtype="int64")
-        return keras.KerasTensor(shape[:-1], dtype="int64")
+            return keras.KerasTensor((*shape[:-1], 1), dtype=_index_dtype())
+        return keras.KerasTensor(shape[:-1], dtype=_index_dtype())
 
     def get_config(self) -> dict[str, Any]:
         """Return the layer configuration."""

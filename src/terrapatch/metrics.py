@@ -96,7 +96,7 @@ class FScore(keras.metrics.Metric):
     def reset_state(self) -> None:
         """Reset the counts to zero."""
         for variable in (self.true_positives, self.false_positives, self.false_negatives):
-            variable.assign(ops.zeros_like(variable))
+            variable.assign(ops.zeros(variable.shape, dtype=variable.dtype))
 
     def get_config(self) -> dict[str, Any]:
         """Return the metric configuration."""

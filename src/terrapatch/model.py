@@ -8,6 +8,12 @@ size when served), adds cropped copies of the image outputs for serving
 :class:`keras.Model` whose outputs are the dict keys returned by ``get_outputs``.
 Unknown attributes (``compile``, ``fit``, ``save``, ``summary``, ...) are forwarded
 to that Keras model.
+
+The model is built with Keras layers and ``keras.ops`` only, so it trains under any
+Keras 3 backend (``KERAS_BACKEND`` tensorflow, torch or jax), fed by a ``tf.data``
+dataset or by the numpy batches of
+:meth:`terrapatch.dataset.DatasetFromPatchesImages.get_keras_dataset`; its ``.keras``
+file loads under every backend (serving and export load it under TensorFlow).
 """
 
 from __future__ import annotations
@@ -98,8 +104,9 @@ class ModelBase(abc.ABC):
     dataset_element_spec
         ``element_spec`` of the batched training dataset: a tuple ``(inputs, targets)``
         of dicts of ``tf.TensorSpec`` (as built by ``get_tf_dataset(...,
-        targets_keys=...)``); a dict of input specs is accepted too. The first axis of
-        every spec is the batch axis.
+        targets_keys=...)``) or of :class:`keras.KerasTensor` (``get_keras_dataset``);
+        a dict of input specs is accepted too, and any spec with a ``shape``. The
+        first axis of every spec is the batch axis.
     input_keys
         Keys of the inputs to create (default: every key of the inputs spec).
     inference_cropping
