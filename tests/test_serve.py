@@ -423,7 +423,7 @@ def test_a_tile_is_an_independent_picklable_task(tmp_path, pair):
 
 def test_patch_based_default_tile_bounded_by_batch_bytes():
     from terrapatch.serve import DEFAULT_TILE_PB, PB_BATCH_BYTES, ModelGeometry
-    from terrapatch.serve.job import _pb_default_tile
+    from terrapatch.serve.plan import _pb_default_tile
 
     class Big:
         bands = 13

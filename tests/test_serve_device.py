@@ -12,7 +12,7 @@ from terrapatch.engines import load_engine
 from terrapatch.errors import InputError
 from terrapatch.raster import Source
 from terrapatch.serve import prepare_serve, serve
-from terrapatch.serve.job import GPU_TILE_BATCH
+from terrapatch.serve.plan import GPU_TILE_BATCH
 from terrapatch.testing import make_scene
 from terrapatch.testing.onnx_models import super_resolution_onnx
 

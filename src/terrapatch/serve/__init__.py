@@ -25,8 +25,11 @@ The package has one module per job (docs/serve.md shows the flow):
 - :mod:`~terrapatch.serve.journal`: the resume journal;
 - :mod:`~terrapatch.serve.execution`: one run (sink choice, local and Dask drivers,
   assembly and commit);
-- :mod:`~terrapatch.serve.job`: :func:`prepare_serve`, :class:`ServeJob`,
-  :func:`serve`.
+- :mod:`~terrapatch.serve.recorded`: the model's recorded contract as defaults;
+- :mod:`~terrapatch.serve.plan`: :func:`prepare_serve` (binding, geometry, tiles);
+- :mod:`~terrapatch.serve.job`: :class:`ServeJob` (one planned run) and
+  :class:`ServeSummary`;
+- :mod:`~terrapatch.serve.api`: :func:`serve`, plan and run in one call.
 
 :mod:`terrapatch.writer` gives the map's format (:class:`~terrapatch.writer.MapFormat`)
 and its locked pending folder (:class:`~terrapatch.writer.PendingOutput`), which any
@@ -34,21 +37,20 @@ output can use.
 """
 
 from terrapatch.geometry import Block, Tile, plan_blocks, plan_tiles
+from terrapatch.serve.api import serve
 from terrapatch.serve.caches import cached_engine
 from terrapatch.serve.distributed import BlockResult, serve_block, write_block
-from terrapatch.serve.job import (
-    CLUSTER_BLOCK_TILES,
-    DEFAULT_TILE_FCN,
-    DEFAULT_TILE_PB,
-    PB_BATCH_BYTES,
-    SINKS,
-    ServeJob,
-    ServeSummary,
-    prepare_serve,
-    serve,
-)
+from terrapatch.serve.job import CLUSTER_BLOCK_TILES, SINKS, ServeJob, ServeSummary
 from terrapatch.serve.journal import BlockStatus
 from terrapatch.serve.layouts import ChannelsFirstEngine, detect_layout
+from terrapatch.serve.plan import (
+    DEFAULT_TILE_FCN,
+    DEFAULT_TILE_PB,
+    GPU_TILE_BATCH,
+    PB_BATCH_BYTES,
+    PlanOptions,
+    prepare_serve,
+)
 from terrapatch.serve.probe import ModelGeometry, derive_geometry, measure_halo
 from terrapatch.serve.runner import ServeStats, TileRunner
 from terrapatch.serve.transforms import Argmax, Normalization
@@ -58,6 +60,7 @@ __all__ = [
     "CLUSTER_BLOCK_TILES",
     "DEFAULT_TILE_FCN",
     "DEFAULT_TILE_PB",
+    "GPU_TILE_BATCH",
     "PB_BATCH_BYTES",
     "SINKS",
     "Argmax",
@@ -68,6 +71,7 @@ __all__ = [
     "MapFormat",
     "ModelGeometry",
     "Normalization",
+    "PlanOptions",
     "ServeJob",
     "ServeStats",
     "ServeSummary",

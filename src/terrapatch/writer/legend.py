@@ -125,13 +125,17 @@ def read_category_names(path: str | os.PathLike[str]) -> list[str] | None:
     """Band 1's category names as GDAL reads them (through a VRT copy), or None.
 
     rasterio has no category-name API: this asks GDAL to describe the raster as a VRT
-    (which lists ``<CategoryNames>``), so it proves what GDAL, and QGIS, see.
+    (which lists ``<CategoryNames>``), so it proves what GDAL, and QGIS, see. GDAL
+    looks for the sidecar even where remote reads told it not to list directories
+    (``GDAL_DISABLE_READDIR_ON_OPEN``, :func:`terrapatch.raster.configure_remote_reads`).
     """
     import tempfile
 
+    import rasterio
     import rasterio.shutil
 
-    with tempfile.TemporaryDirectory() as folder:
+    with tempfile.TemporaryDirectory() as folder, \
+            rasterio.Env(GDAL_DISABLE_READDIR_ON_OPEN="FALSE"):
         vrt = Path(folder) / "legend.vrt"
         rasterio.shutil.copy(os.fspath(path), vrt, driver="VRT")
         root = ET.parse(vrt).getroot()
