@@ -17,7 +17,8 @@ import pytest
 import tensorflow as tf
 
 from terrapatch.errors import InputError, MissingInputError, ModelError, OutputError
-from terrapatch.export import export_model, main
+from terrapatch.cli.export import main
+from terrapatch.export import export_model
 from terrapatch.model import load_model
 
 ort = pytest.importorskip("onnxruntime")
@@ -153,11 +154,11 @@ def test_cli_errors(exported, tmp_path):
     assert not (tmp_path / "m.onnx").exists()
 
 
-def test_python_m_export_in_a_fresh_process(exported, tmp_path):
+def test_export_command_in_a_fresh_process(exported, tmp_path):
     """A fresh interpreter loads the .keras file in safe mode and exports it."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     result = subprocess.run(
-        [sys.executable, "-m", "terrapatch.export", str(exported["keras"]),
+        [sys.executable, "-m", "terrapatch.cli", "export", str(exported["keras"]),
          "--onnx", str(tmp_path / "fresh.onnx")],
         capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -166,8 +167,59 @@ def test_python_m_export_in_a_fresh_process(exported, tmp_path):
                                exported["model"].predict(inputs, verbose=0)["estimated"],
                                rtol=1e-4, atol=1e-6)
     failed = subprocess.run(
-        [sys.executable, "-m", "terrapatch.export", str(tmp_path / "nope.keras"),
+        [sys.executable, "-m", "terrapatch.cli", "export", str(tmp_path / "nope.keras"),
          "--onnx", str(tmp_path / "x.onnx")],
         capture_output=True, text=True, env=env, timeout=300)
     assert failed.returncode == 2
     assert failed.stderr.strip().splitlines()[-1].startswith("terrapatch export: error: model:")
+
+
+def test_export_records_the_contract_and_serving_needs_nothing_else(exported, tmp_path,
+                                                                     capsys):
+    """`terrapatch export --source …` derives rf/ef on the rasters and records them; then
+    TensorflowModelServe takes only the rasters and the model, and the map carries the
+    classes."""
+    import rasterio
+
+    from terrapatch.cli import main as terrapatch
+    from terrapatch.contract import read_contract
+    from terrapatch.mlm import mlm_item_path
+    from terrapatch.testing import make_scene
+    from terrapatch.writer import read_category_names
+
+    scene = make_scene(tmp_path / "scene", size=64, n_points=10)
+    classes = tmp_path / "classes.csv"
+    classes.write_text("value,name,color\n0,water,#0000ff\n1,crop,#ffff00\n2,forest,#00aa00\n"
+                       "3,urban,#ff0000\n4,bare,#aa7700\n5,grass,#00ff00\n")
+    onnx_path, saved = tmp_path / "described.onnx", tmp_path / "described_sm"
+    code = main([str(exported["keras"]), "--onnx", str(onnx_path), "--savedmodel", str(saved),
+                 "--source", f"input_10m={scene.img_10m}", "--source",
+                 f"input_20m={scene.img_20m}", "--fullyconv", "--spcscale", "2",
+                 "--output", "estimated_labels", "--classes", str(classes),
+                 "--bands", "input_10m=B04,B03,B02,B08", "--nodata", "input_10m=0"])
+    assert code == 0
+    assert "contract: input_10m rf 16, input_20m rf 8; efield 1, spcscale 2" in \
+        capsys.readouterr().out
+    for model in (onnx_path, saved):
+        contract = read_contract(model)
+        assert contract is not None and contract.fullyconv
+        assert [i.receptive_field for i in contract.inputs] == [(16, 16), (8, 8)]
+        assert contract.inputs[0].band_names == ("B04", "B03", "B02", "B08")
+        assert contract.inputs[0].nodata == 0 and contract.inputs[1].spacing == (20.0, 20.0)
+        assert contract.outputs[0].classes[2].name == "forest"
+        assert mlm_item_path(model).is_file()
+    assert read_contract(onnx_path).framework.name == "ONNX"
+    assert read_contract(saved).framework.name == "TensorFlow"
+    out = tmp_path / "map.tif"
+    assert terrapatch(["TensorflowModelServe", "-source1.il", str(scene.img_10m), "-source2.il",
+                       str(scene.img_20m), "-model.dir", str(onnx_path), "-out", str(out),
+                       "uint8"]) == 0
+    with rasterio.open(out) as ds:
+        assert ds.transform.a == 20.0 and ds.count == 1
+        assert ds.colormap(1)[2][:3] == (0, 170, 0)
+    assert read_category_names(out)[:3] == ["water", "crop", "forest"]
+    # bad input: a placeholder that is not a source, one line, nothing written
+    with pytest.raises(InputError, match=r"--rfield: input_30m is not a --source placeholder"):
+        main([str(exported["keras"]), "--onnx", str(tmp_path / "x.onnx"), "--source",
+              f"input_10m={scene.img_10m}", "--rfield", "input_30m=4"])
+    assert not (tmp_path / "x.onnx").exists()

@@ -1,4 +1,4 @@
-"""The ``terrapatch demo`` command: the seed's whole workflow on the embedded synthetic scene.
+"""The demo (:func:`run_demo`, ``terrapatch demo``): the seed's whole workflow on a synthetic scene.
 
 1. generate a Sentinel-2-like 10 m / 20 m scene with a label map;
 2. select training / validation patches on a grid of the label map (PatchesSelection);
@@ -15,6 +15,7 @@ before step 1 with a one-line error naming the extra to install.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -225,30 +226,28 @@ def write_report(out: Path, scores: dict[str, Any], maps: dict[str, Path],
     return path
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the demo; returns the exit code."""
-    from terrapatch.cli import CommandParser
+def run_demo(outdir: str | os.PathLike[str] = "demo_out", size: int = 512, epochs: int = 12,
+             quiet: bool = False) -> int:
+    """Run the demo into ``outdir`` (one demo per folder at a time); returns the exit code.
 
-    parser = CommandParser(prog="terrapatch demo", description=__doc__.splitlines()[0])
-    parser.add_argument("outdir", nargs="?", default="demo_out", help="output directory")
-    parser.add_argument("--size", type=int, default=512, help="10 m scene size in pixels "
-                        f"(even, {MIN_SIZE}..{MAX_SIZE})")
-    parser.add_argument("--epochs", type=int, default=12, help="training epochs per model")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    args = parser.parse_args(argv)
-    if not MIN_SIZE <= args.size <= MAX_SIZE or args.size % 2:
-        raise InputError(f"--size: {args.size} must be an even number of pixels in "
+    Raises
+    ------
+    InputError
+        If ``size`` is not an even number in ``MIN_SIZE..MAX_SIZE`` or ``epochs < 1``.
+    """
+    if not MIN_SIZE <= size <= MAX_SIZE or size % 2:
+        raise InputError(f"size: {size} must be an even number of pixels in "
                          f"{MIN_SIZE}..{MAX_SIZE}")
-    if args.epochs < 1:
-        raise InputError(f"--epochs: {args.epochs} must be ≥ 1")
+    if epochs < 1:
+        raise InputError(f"epochs: {epochs} must be ≥ 1")
     check_extras()
-    out = Path(args.outdir)
+    out = Path(outdir)
     with claim_outputs({"outdir": Output(out, "folder")}):  # one demo per folder at a time
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise cannot_write(exc, out, "outdir") from None
-        return _run(out, args.size, args.epochs, args.quiet)
+        return _run(out, size, epochs, quiet)
 
 
 def _run(out: Path, size: int, epochs: int, quiet: bool) -> int:

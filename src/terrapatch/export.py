@@ -6,10 +6,10 @@ by :meth:`terrapatch.model.ModelBase.get_outputs` (e.g. ``estimated_labels``), w
 batch, rows and columns left dynamic. The SavedModel's ``serving_default`` signature
 is what OTBTF's ``TensorflowModelServe`` reads; the ONNX file is converted with
 tf2onnx from the same traced function, so the three agree numerically. Command
-line: ``terrapatch export MODEL.keras --savedmodel DIR --onnx FILE`` (also
-``python -m terrapatch.export``). Exporting needs the ``tensorflow`` extra
-(TensorFlow, Keras, tf2onnx, onnx); without it the export fails in one line saying
-``pip install 'terrapatch[tensorflow]'``.
+line: ``terrapatch export MODEL.keras --savedmodel DIR --onnx FILE``
+(:mod:`terrapatch.cli.export`, which also records the serving contract). Exporting
+needs the ``tensorflow`` extra (TensorFlow, Keras, tf2onnx, onnx); without it the
+export fails in one line saying ``pip install 'terrapatch[tensorflow]'``.
 
 Both exports trace the model with ``tf.function``, so they run under Keras's
 TensorFlow backend only; a model trained under torch or jax is exported from its
@@ -20,10 +20,7 @@ fails in one line saying so.
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +31,6 @@ from terrapatch.errors import (
     MissingEngineError,
     MissingInputError,
     ModelError,
-    TerrapatchError,
 )
 from terrapatch.writer import (
     Output,
@@ -43,7 +39,7 @@ from terrapatch.writer import (
     claim_outputs,
 )
 
-__all__ = ["export_model", "export_onnx", "export_savedmodel", "main"]
+__all__ = ["export_model", "export_onnx", "export_savedmodel"]
 
 
 def _tensorflow() -> Any:
@@ -241,51 +237,3 @@ def export_model(
         if onnx is not None:
             written["onnx"] = export_onnx(model, onnx, opset=opset)
     return written
-
-
-def _parser() -> argparse.ArgumentParser:
-    from terrapatch.cli import CommandParser
-
-    parser = CommandParser(
-        prog="terrapatch export",
-        description="Export a .keras model to a TensorFlow SavedModel and/or an ONNX file.",
-    )
-    parser.add_argument("model", help="input .keras model file")
-    parser.add_argument("--savedmodel", help="output SavedModel directory")
-    parser.add_argument("--onnx", help="output ONNX file")
-    parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: tf2onnx's)")
-    parser.add_argument("--quiet", action="store_true", help="no progress output")
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``terrapatch export MODEL.keras [--savedmodel DIR] [--onnx FILE]``.
-
-    Parameters
-    ----------
-    argv
-        Arguments after ``export`` (default: ``sys.argv[1:]``).
-
-    Returns
-    -------
-    int
-        0 on success. Bad input raises :class:`terrapatch.errors.TerrapatchError`.
-    """
-    args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    written = export_model(args.model, savedmodel=args.savedmodel, onnx=args.onnx,
-                           opset=args.opset)
-    for kind, path in written.items():
-        print(f"{kind}: {os.fspath(path)}")
-    return 0
-
-
-def _run_as_script() -> int:
-    try:
-        return main()
-    except TerrapatchError as exc:
-        print(f"terrapatch export: error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(_run_as_script())

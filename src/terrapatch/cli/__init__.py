@@ -3,7 +3,8 @@
 ``terrapatch PatchesExtraction -source1.il a.tif -source1.patchsizex 16 ...`` runs an
 application with OTB's ``-key value`` syntax (``-help`` lists its parameters, with
 ``source1..sourceN`` groups, N from ``OTB_TF_NSOURCES``). ``terrapatch export ...``
-and other commands have their own argparse options (:class:`CommandParser`). Errors on
+and ``terrapatch demo`` have their own argparse options, in this package
+(:mod:`terrapatch.cli.export`, :mod:`terrapatch.cli.demo`). Errors on
 bad input print one line on stderr and exit with code 2; SIGINT exits with 130 and
 SIGTERM with 143, after one line and the run's clean-up; library warnings become one
 ``WARNING:`` line each (or none, for those terrapatch handles itself); ``--debug`` shows
@@ -12,7 +13,6 @@ tracebacks and the libraries' own output.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import importlib
 import logging
@@ -22,20 +22,23 @@ import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, NoReturn
+from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from terrapatch.apps import REGISTRY, get_app
 from terrapatch.apps._base import sources_from_env
+from terrapatch.cli.parsing import CommandParser
 from terrapatch.errors import InputError, TerrapatchError
 from terrapatch.progress import configure_logging, logger
 from terrapatch.writer import failure_reason
 
+__all__ = ["COMMANDS", "CommandParser", "main", "run_app"]
+
 #: terrapatch's own commands → "module:function" taking argv and returning an exit code.
 COMMANDS: dict[str, str] = {
-    "export": "terrapatch.export:main",
-    "demo": "terrapatch.demo:main",
+    "export": "terrapatch.cli.export:main",
+    "demo": "terrapatch.cli.demo:main",
 }
 
 EXIT_FAILED = 1
@@ -50,14 +53,6 @@ class Terminated(KeyboardInterrupt):
 
 def _raise_terminated(signum: int, frame: object) -> None:
     raise Terminated()
-
-
-class CommandParser(argparse.ArgumentParser):
-    """Argument parser of terrapatch's own commands: usage errors are one-line errors (exit 2)."""
-
-    def error(self, message: str) -> NoReturn:
-        """Raise the usage error (``argument --size: invalid int value``) as an InputError."""
-        raise InputError(message)
 
 
 def _warning_line(message: Warning | str, category: type[Warning], filename: str,
