@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from terrapatch.errors import InputError, MissingInputError, ModelError, OutputError
 from terrapatch.cli.export import main
+from terrapatch.errors import InputError, MissingInputError, ModelError, OutputError
 from terrapatch.export import export_model
 from terrapatch.model import load_model
 
