@@ -25,7 +25,7 @@ from terrapatch.serve import (
     prepare_serve,
     serve,
 )
-from terrapatch.testing import faults
+from terrapatch.testing import assert_same_map, faults, read_raster
 from terrapatch.testing.models import seed_model
 from terrapatch.testing.rasters import write_raster
 
@@ -65,29 +65,16 @@ def sources(files, s10=None, s20=None):
             Source(s10 or files["s10"], 16, placeholder="input_10m", name="source2")]
 
 
-def read(path):
-    with rasterio.open(path) as ds:
-        return ds.read(), ds.transform, ds.dtypes[0], ds.nodata
-
-
 @pytest.fixture(scope="module")
 def references(data, tmp_path_factory):
-    """In-process maps, the reference for every cluster run."""
+    """In-process maps (read once) and summaries, the reference for every cluster run."""
     d = tmp_path_factory.mktemp("ref")
     refs = {}
     for mode, fullyconv, tile in (("fcn", True, 16), ("pb", False, 8)):
         s = serve(sources(data), data["keras"], d / f"{mode}.tif", OUTS, fullyconv=fullyconv,
                   tile_size=tile, quiet=True)
-        refs[mode] = (read(s.path), s)
+        refs[mode] = (read_raster(s.path), s)
     return refs
-
-
-def assert_same_map(path, reference):
-    (want, transform, dtype, nodata), _ = reference
-    got = read(path)
-    assert got[1:] == (transform, dtype, nodata)
-    assert got[0].dtype == want.dtype and got[0].shape == want.shape
-    assert got[0].tobytes() == want.tobytes()  # byte for byte, float outputs included
 
 
 def no_leftovers(directory, *keep):
@@ -101,7 +88,7 @@ def no_leftovers(directory, *keep):
 def test_fcn_map_is_identical_to_in_process(client, data, references, tmp_path, block_tiles):
     s = serve(sources(data), data["keras"], tmp_path / "m.tif", OUTS, fullyconv=True,
               tile_size=16, quiet=True, scheduler=client, block_tiles=block_tiles)
-    assert_same_map(s.path, references["fcn"])
+    assert_same_map(s.path, references["fcn"][0])
     ref = references["fcn"][1]
     assert s.tiles == ref.tiles == 9 and s.skipped_tiles == ref.skipped_tiles == 1
     assert s.compute_seconds > 0 and s.read_seconds > 0
@@ -113,7 +100,7 @@ def test_patch_based_map_is_identical_to_in_process(client, data, references, tm
                                                     block_tiles):
     s = serve(sources(data), data["keras"], tmp_path / "m.tif", OUTS, tile_size=8,
               quiet=True, scheduler=client, block_tiles=block_tiles)
-    assert_same_map(s.path, references["pb"])
+    assert_same_map(s.path, references["pb"][0])
     assert s.tiles == references["pb"][1].tiles == 36
 
 
@@ -124,14 +111,14 @@ def test_savedmodel_box_pixel_type_and_model_cached_per_worker(client, data, tmp
                 quiet=True, **kw)
     s = serve(sources(data), data["savedmodel"], tmp_path / "m.tif", "estimated_labels",
               quiet=True, scheduler=client.scheduler.address, block_tiles=2, **kw)
-    assert_same_map(s.path, (read(ref.path), ref))
+    assert_same_map(s.path, ref.path)
     assert (s.width, s.height, s.transform) == (30, 27, ref.transform)
 
     def loaded():
         import sys
 
         module = sys.modules["terrapatch.serve.caches"]
-        return {path: id(engine) for path, (_, engine) in module._ENGINES.items()}
+        return {path: id(engine) for (path, _), (_, engine) in module._ENGINES.items()}
 
     def open_readers():
         import sys
@@ -158,7 +145,7 @@ def test_cli_and_app_on_an_existing_scheduler(client, data, references, tmp_path
             "--dask-scheduler", client.scheduler.address]
     assert main(argv) == 0
     assert "ignored" not in capsys.readouterr().err
-    assert_same_map(tmp_path / "cli.tif", references["fcn"])
+    assert_same_map(tmp_path / "cli.tif", references["fcn"][0])
 
 
 def test_cli_workers_option_asks_for_a_local_cluster(client, data, references, tmp_path,
@@ -180,7 +167,7 @@ def test_cli_workers_option_asks_for_a_local_cluster(client, data, references, t
             "-out", str(tmp_path / "cli.tif"), "--quiet", "--workers", "3"]
     assert main(argv) == 0
     assert asked[0] == (None, 3)
-    assert_same_map(tmp_path / "cli.tif", references["fcn"])
+    assert_same_map(tmp_path / "cli.tif", references["fcn"][0])
 
 
 # ---------------------------------------------------------------- ordered results, bounded
@@ -227,7 +214,7 @@ def test_worker_killed_mid_run_gives_the_same_map(client, data, references, tmp_
     out.mkdir()
     s = job.run(out / "m.tif", quiet=True, scheduler=client, block_tiles=1)
     assert marker.exists()  # a worker really died on tile 4; its task was retried
-    assert_same_map(s.path, references["fcn"])
+    assert_same_map(s.path, references["fcn"][0])
     assert no_leftovers(out, "m.tif")
     client.wait_for_workers(2, timeout=60)
 

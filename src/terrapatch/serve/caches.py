@@ -34,7 +34,8 @@ ENGINE_CACHE_SIZE = 2
 #: that GDAL's block cache carries the blocks neighbouring tasks share.
 READER_CACHE_SIZE = 4
 
-_ENGINES: dict[str, tuple[tuple[int, int], Engine]] = {}
+#: (model path, device) → (file stamp, engine).
+_ENGINES: dict[tuple[str, str], tuple[tuple[int, int], Engine]] = {}
 _ENGINES_LOCK = threading.Lock()
 
 
@@ -88,7 +89,7 @@ def cached_engine(model: str, device: str = "auto") -> Engine:
     """
     stamp = _model_stamp(model)
     with _ENGINES_LOCK:
-        key = f"{model}|{device}"
+        key = (model, device)
         cached = _ENGINES.get(key)
         if cached is not None and cached[0] == stamp:
             return cached[1]
