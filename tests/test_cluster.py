@@ -51,7 +51,7 @@ def test_extraction_on_cluster_is_identical(client, scene, tmp_path, monkeypatch
 
 def test_worker_killed_mid_run_task_is_rescheduled(client, tmp_path):
     results = {}
-    cluster.run_tasks(client, faults.die_once, [(str(tmp_path / "marker"), v) for v in range(6)],
+    cluster.run_ordered(client, faults.die_once, [(str(tmp_path / "marker"), v) for v in range(6)],
                       results.__setitem__, "test", quiet=True)
     assert (tmp_path / "marker").exists()  # one worker really died
     assert results == {i: i * 10 for i in range(6)}
@@ -60,7 +60,7 @@ def test_worker_killed_mid_run_task_is_rescheduled(client, tmp_path):
 
 def test_failing_task_gives_clear_error(client):
     with pytest.raises(TerrapatchError, match=r"task 0 failed on the cluster after 2 retries"):
-        cluster.run_tasks(client, faults.always_fail, [(1,)], lambda i, r: None, "test",
+        cluster.run_ordered(client, faults.always_fail, [(1,)], lambda i, r: None, "test",
                           quiet=True)
 
 

@@ -2,8 +2,8 @@
 
 terrapatch's long jobs (extraction, serving) are split into independent tasks:
 this module ships them to a ``dask.distributed`` cluster and collects the
-results, as they end (:func:`run_tasks`) or in task order with a bounded number
-of tasks in flight (:func:`run_ordered`), with progress from the scheduler.
+results in task order with a bounded number of tasks in flight
+(:func:`run_ordered`), with progress from the scheduler.
 Errors that a user can fix (unreachable scheduler, a worker missing a file)
 become one-line input errors.
 """
@@ -201,23 +201,6 @@ def _allowed_failures() -> int:
     return int(dask.config.get("distributed.scheduler.allowed-failures", 3))
 
 
-def run_tasks(
-    client: Any,
-    func: Callable[..., Any],
-    tasks: Sequence[tuple[Any, ...]],
-    on_result: Callable[[int, Any], None],
-    desc: str,
-    quiet: bool = False,
-) -> None:
-    """Run ``func(*task)`` for every task on the cluster; call ``on_result(i, result)``.
-
-    Tasks are retried :data:`TASK_RETRIES` times after an error, and rescheduled by Dask
-    when a worker dies. A task that still fails aborts the run with its error. Results
-    are handed over in task order with a bounded number in flight (:func:`run_ordered`).
-    """
-    run_ordered(client, func, tasks, on_result, desc, quiet=quiet)
-
-
 def run_ordered(
     client: Any,
     func: Callable[..., Any],
@@ -234,8 +217,10 @@ def run_ordered(
     Tasks are submitted as a sliding window: task ``i + in_flight`` is submitted only
     once task ``i`` has been handed to ``on_result``, so at most ``in_flight`` results
     exist at any time (running, waiting on a worker, or buffered here until the tasks
-    before them end), whatever the number of tasks. Retries and errors are those of
-    :func:`run_tasks`; the progress bar advances as tasks end on the cluster.
+    before them end), whatever the number of tasks. Tasks are retried
+    :data:`TASK_RETRIES` times after an error, and rescheduled by Dask when a worker
+    dies; a task that still fails aborts the run with its error. The progress bar
+    advances as tasks end on the cluster.
 
     Parameters
     ----------

@@ -57,6 +57,7 @@ __all__ = [
     "check_device",
     "load_engine",
     "resolve_device",
+    "savedmodel_graph",
 ]
 
 #: Values of the ``device`` parameter of :func:`load_engine` and of the engines.
@@ -300,6 +301,20 @@ class Engine(abc.ABC):
         return load_engine(model, parameter, device=device)
 
 
+def savedmodel_graph(path: str | os.PathLike[str]) -> Path | None:
+    """The graph file of a SavedModel directory (``saved_model.pb``, else ``.pbtxt``), or None.
+
+    None when ``path`` is not a directory holding one.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        return None
+    for name in ("saved_model.pb", "saved_model.pbtxt"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
 def load_engine(model: Any, parameter: str = "model.dir", device: str = "auto") -> Engine:
     """Open ``model`` with the engine matching its format.
 
@@ -343,7 +358,7 @@ def load_engine(model: Any, parameter: str = "model.dir", device: str = "auto") 
     if not path.exists():
         raise ModelError(f"{parameter}: model {text!r} does not exist")
     if path.is_dir():
-        if not ((path / "saved_model.pb").is_file() or (path / "saved_model.pbtxt").is_file()):
+        if savedmodel_graph(path) is None:
             raise ModelError(
                 f"{parameter}: directory {text!r} is not a TensorFlow SavedModel "
                 "(no saved_model.pb inside)"

@@ -2,7 +2,7 @@
 
 This module is the single source of truth for every window terrapatch reads.
 Extraction, patch-based serving and fully-convolutional serving all call it;
-none of them computes a window on its own (DESIGN.md §2).
+none of them computes a window on its own (docs/geometry.md).
 
 Vocabulary
 ----------
@@ -243,7 +243,7 @@ class OutputGrid:
 
 @dataclass(frozen=True)
 class Layout:
-    """How N sources are sampled together on one grid G (DESIGN.md §2).
+    """How N sources are sampled together on one grid G (docs/geometry.md).
 
     Parameters
     ----------

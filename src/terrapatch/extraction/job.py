@@ -2,7 +2,7 @@
 
 For every labelled point, each source's window comes from the geometry module
 (:class:`~terrapatch.geometry.Layout`): the windows of one sample cover the same
-ground in every source (DESIGN.md §2). A sample is kept only if its window lies
+ground in every source (docs/geometry.md). A sample is kept only if its window lies
 inside every source and, for sources with a nodata value, contains no pixel
 equal to it in any band. Kept samples are written in feature order, at the same
 index in every patches image and in the labels image (or, with ``shards=True``,
@@ -179,7 +179,7 @@ def extract_patches(
         added to ``creation_options``.
     factor
         Factor of the sampling grid G in source-1 pixels; default: coarsest spacing /
-        source-1 spacing when that is an integer, else 1 (DESIGN.md §2).
+        source-1 spacing when that is an integer, else 1 (docs/geometry.md).
     reproject
         Reproject the points to source 1's CRS instead of failing on a CRS mismatch.
     quiet

@@ -482,7 +482,7 @@ def read_candidates_on_cluster(
 
     with cluster.client_for(scheduler, workers) as client:
         cluster.check_worker_paths(client, [p for s in sources for p in s.paths])
-        cluster.run_tasks(client, _read_block, tasks, collect, "extracting", quiet)
+        cluster.run_ordered(client, _read_block, tasks, collect, "extracting", quiet)
     for buf in buffers:
         spool.release(buf)
     return buffers, nodata_hits

@@ -128,7 +128,7 @@ def extract_shards(
                 client, [*(p for s in sources for p in s.paths),
                          *(os.fspath(s) for s in stages.values())],
                 labels={os.fspath(s): key for key, s in stages.items()})
-            cluster.run_tasks(client, write_shard, tasks, results.__setitem__,
+            cluster.run_ordered(client, write_shard, tasks, results.__setitem__,
                               "extracting", quiet)
     n_kept = sum(int(r["n"]) for r in results)
     rejected = {s.name: sum(int(r["rejected_nodata"][s.name]) for r in results)

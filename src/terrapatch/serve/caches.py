@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from terrapatch.engines import Engine, load_engine
+from terrapatch.engines import Engine, load_engine, savedmodel_graph
 from terrapatch.errors import InputError, ModelError
 from terrapatch.progress import logger
 from terrapatch.raster import SourceReader, is_remote
@@ -51,12 +51,7 @@ def worker_name() -> str:
 
 def _model_stamp(model: str) -> tuple[int, int]:
     """``(mtime_ns, size)`` of a model file, or of a SavedModel's ``saved_model.pb``."""
-    path = Path(model)
-    if path.is_dir():
-        for name in ("saved_model.pb", "saved_model.pbtxt"):
-            if (path / name).is_file():
-                path = path / name
-                break
+    path = savedmodel_graph(model) or Path(model)
     try:
         stat = path.stat()
     except OSError:

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from terrapatch import cluster
+from terrapatch.engines import savedmodel_graph
 from terrapatch.errors import InputError, ModelError, OutputError
 from terrapatch.geometry import Block, Tile
 from terrapatch.raster import is_remote
@@ -165,11 +166,9 @@ def worker_paths(runner: TileRunner) -> dict[str, str]:
     paths = {p: f"{s.name}.il" for s in runner.sources for p in s.paths}
     if runner.model is not None:
         paths[runner.model] = "model.dir"
-        if os.path.isdir(runner.model):
-            text = os.path.join(runner.model, "saved_model.pbtxt")
-            binary = os.path.join(runner.model, "saved_model.pb")
-            inside = text if os.path.isfile(text) and not os.path.isfile(binary) else binary
-            paths[inside] = "model.dir"
+        graph = savedmodel_graph(runner.model)
+        if graph is not None:
+            paths[os.fspath(graph)] = "model.dir"
     return paths
 
 
