@@ -30,6 +30,7 @@ from rasterio.windows import Window
 
 from terrapatch.errors import InputError
 from terrapatch.patches import PatchesInfo, read_patches, read_patches_info
+from terrapatch.tfrecords import TFRecords
 
 if TYPE_CHECKING:
     import keras
@@ -409,6 +410,11 @@ class DatasetFromPatchesImages:
         return dict(self.reader.patch_shapes)
 
     @property
+    def sample_dtypes(self) -> dict[str, np.dtype]:
+        """Per-key numpy dtype of the samples (the files' pixel types)."""
+        return {key: np.dtype(dtype) for key, dtype in self.reader.dtypes.items()}
+
+    @property
     def output_types(self) -> dict[str, Any]:
         """Per-key ``tf.DType`` of the samples (the files' pixel types)."""
         import tensorflow as tf
@@ -698,8 +704,6 @@ class DatasetFromPatchesImages:
 
         See :meth:`terrapatch.tfrecords.TFRecords.ds2tfrecord`.
         """
-        from terrapatch.tfrecords import TFRecords
-
         records = TFRecords(output_dir)
         records.ds2tfrecord(self, n_samples_per_shard=n_samples_per_shard,
                             drop_remainder=drop_remainder)

@@ -17,7 +17,7 @@ import os
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -28,13 +28,34 @@ from terrapatch.writer import atomic_output
 if TYPE_CHECKING:
     import tensorflow as tf
 
-    from terrapatch.dataset import DatasetFromPatchesImages
-
-__all__ = ["TFRecords"]
+__all__ = ["PatchSamples", "TFRecords"]
 
 SHAPES_FILE = "output_shapes.json"
 TYPES_FILE = "output_types.json"
 _SHARD = re.compile(r"^(\d+)\.records$")
+
+
+@runtime_checkable
+class PatchSamples(Protocol):
+    """What :class:`TFRecords` needs of a set of patch samples to write it as shards.
+
+    :class:`terrapatch.dataset.DatasetFromPatchesImages` is one; any object with these
+    members can be written without building a ``tf.data`` pipeline.
+    """
+
+    size: int
+
+    @property
+    def output_shapes(self) -> Mapping[str, tuple[int, int, int]]:
+        """Per-key shape of one sample, ``(rows, cols, bands)``."""
+
+    @property
+    def sample_dtypes(self) -> Mapping[str, np.dtype]:
+        """Per-key numpy dtype of the samples."""
+
+    def iter_chunks(self, shuffle: bool = True, rng: np.random.Generator | None = None
+                    ) -> Iterator[dict[str, np.ndarray]]:
+        """Yield every sample once, in chunks ``{key: (k, rows, cols, bands)}``."""
 
 
 class TFRecords:
@@ -91,7 +112,7 @@ class TFRecords:
 
     def ds2tfrecord(
         self,
-        dataset: DatasetFromPatchesImages | tf.data.Dataset,
+        dataset: PatchSamples | tf.data.Dataset,
         n_samples_per_shard: int = 100,
         drop_remainder: bool = True,
         shuffle: bool = True,
@@ -330,9 +351,7 @@ def _sample_source(
     dataset: Any, shuffle: bool, seed: int | None
 ) -> tuple[Iterator[dict[str, Any]], dict[str, list[int]], dict[str, str], int]:
     """Return (samples iterator, shapes, dtype names, number of samples) of a dataset."""
-    from terrapatch.dataset import DatasetFromPatchesImages
-
-    if isinstance(dataset, DatasetFromPatchesImages):
+    if isinstance(dataset, PatchSamples):
         rng = np.random.default_rng(seed)
 
         def samples() -> Iterator[dict[str, Any]]:
@@ -342,7 +361,7 @@ def _sample_source(
                     yield {key: array[i] for key, array in chunk.items()}
 
         shapes = {key: list(shape) for key, shape in dataset.output_shapes.items()}
-        types = {key: np.dtype(dtype).name for key, dtype in dataset.reader.dtypes.items()}
+        types = {key: np.dtype(dtype).name for key, dtype in dataset.sample_dtypes.items()}
         return samples(), shapes, types, dataset.size
     tf = import_tensorflow("TFRecords")
 
