@@ -172,7 +172,7 @@ def check_worker_paths(client: Any, paths: Iterable[str | os.PathLike[str]],
 
 def total_threads(client: Any) -> int:
     """Number of task slots (worker threads) of the cluster now; at least 1."""
-    return max(1, sum(client.nthreads().values()))
+    return max(1, int(sum(client.nthreads().values())))
 
 
 def _task_result(future: Any, index: int, desc: str) -> Any:

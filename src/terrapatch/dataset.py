@@ -105,7 +105,7 @@ class _OpenFiles:
         data = self._handles[key][block.file_index].read(
             window=Window(0, block.start * psy, psx, block.count * psy)
         )
-        return data.reshape(info.bands, block.count, psy, psx).transpose(1, 2, 3, 0)
+        return np.asarray(data.reshape(info.bands, block.count, psy, psx).transpose(1, 2, 3, 0))
 
     def close(self) -> None:
         for handles in self._handles.values():

@@ -37,7 +37,7 @@ def _index_dtype() -> str:
     if keras.backend.backend() == "jax":
         import jax
 
-        if not jax.config.read("jax_enable_x64"):
+        if not jax.config.read("jax_enable_x64"):  # type: ignore[no-untyped-call]
             return "int32"
     return "int64"
 

@@ -344,7 +344,8 @@ def _serialize(sample: Mapping[str, Any]) -> bytes:
             value=[tf.make_tensor_proto(np.asarray(value)).SerializeToString()]))
         for key, value in sample.items()
     }
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+    return bytes(tf.train.Example(features=tf.train.Features(feature=feature))
+                 .SerializeToString())
 
 
 def _sample_source(

@@ -60,7 +60,7 @@ def _labels_as_int(values: np.ndarray, path: str, field: str) -> np.ndarray:
     if values.dtype.kind in "iub":
         return values.astype(np.int64)
     if values.dtype.kind == "f":
-        return np.trunc(values).astype(np.int64)
+        return np.asarray(np.trunc(values).astype(np.int64))
     labels = np.zeros(values.shape, dtype=np.int64)
     for i, v in enumerate(values):
         try:

@@ -216,4 +216,4 @@ class TensorflowModelServe(App):
                 raise InputError(f"source{k}.{name}: {' '.join(items)!r} is not a list of "
                                  "numbers") from None
             fields[name] = values[0] if len(values) == 1 else values
-        return Normalization(**fields) if fields else None  # type: ignore[arg-type]
+        return Normalization(**fields) if fields else None

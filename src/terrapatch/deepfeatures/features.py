@@ -215,9 +215,9 @@ def open_feature_model(
             f"{s.name} {rx}×{ry}" for s, (rx, ry) in zip(sources, fields, strict=True)))
     else:
         fields = given  # type: ignore[assignment]
-    bound = _with_fields(sources, fields)  # type: ignore[arg-type]
+    bound = _with_fields(sources, fields)
     probe = {n: np.zeros((2, ry, rx, s.bands), dtype=engine.inputs[n].dtype)
-             for n, s, (rx, ry) in zip(input_names, bound, fields, strict=True)}  # type: ignore[misc]
+             for n, s, (rx, ry) in zip(input_names, bound, fields, strict=True)}
     probe.update(user_inputs)
     result = engine.run(probe, [output])[output]
     channels = int(_per_patch(result, 2, output, None).shape[1])
@@ -344,7 +344,7 @@ def sample_features(
                 v, field, crs=crs, reproject=reproject, parameter=parameter)
             *arrays, summary = _sample_one(model, points, field, Path(tmp), quiet, scheduler,
                                            workers, parameter)
-            parts.append(tuple(arrays))  # type: ignore[arg-type]
+            parts.append(tuple(arrays))
             summaries.append(summary)
     features, labels, xs, ys = (np.concatenate([p[k] for p in parts]) for k in range(4))
     if not np.isfinite(features).all():

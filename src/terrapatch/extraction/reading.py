@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import rasterio
@@ -414,7 +414,7 @@ def read_candidates(
                 opened.append(readers)
         if i not in readers:
             readers[i] = sources[i].open()
-        return readers[i]
+        return cast(SourceReader, readers[i])
 
     def store(i: int, index: np.ndarray, patches: np.ndarray) -> None:
         buf = buffers[i]

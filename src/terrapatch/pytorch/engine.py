@@ -106,7 +106,7 @@ def _load(path: str, parameter: str, device: str) -> Any:
         if kind == _PROGRAM:
             with _quiet_torch_logs():
                 return torch.export.load(path)
-        return torch.jit.load(path, map_location=device)
+        return torch.jit.load(path, map_location=device)  # type: ignore[no-untyped-call]
     except Exception as exc:
         raise ModelError(f"{parameter}: cannot load the {kind} {path!r}: "
                          f"{_first_line(exc)}") from None

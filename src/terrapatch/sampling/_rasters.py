@@ -132,7 +132,7 @@ class RasterReader:
 
     def band1(self, window: Window) -> np.ndarray:
         """Band 1 of ``window`` as ``(rows, cols)``."""
-        return self.read(window)[0]
+        return np.asarray(self.read(window)[0])
 
     def close(self) -> None:
         """Close the files."""

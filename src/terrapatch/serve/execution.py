@@ -26,7 +26,7 @@ from terrapatch.raster import SourceReader
 from terrapatch.serve import distributed
 from terrapatch.serve.journal import BlockStatus, Journal
 from terrapatch.serve.pipeline import run_pipeline
-from terrapatch.serve.runner import ServeStats
+from terrapatch.serve.runner import ServeStats, TileRunner
 from terrapatch.serve.sinks import (
     BlockSink,
     BlockStore,
@@ -94,7 +94,8 @@ class Execution:
 
     def _local(self, tiles: Sequence[Tile], put: Any) -> None:
         """Serve ``tiles`` in this process: reader thread, model here, writer thread."""
-        runner, stats, dtype = self.job.runner, self.stats, self.dtype
+        runner: TileRunner = self.job.runner
+        stats, dtype = self.stats, self.dtype
         local: dict[str, list[SourceReader]] = {}
 
         def read(tile: Tile) -> dict[str, np.ndarray] | None:

@@ -141,8 +141,8 @@ class Argmax:
         """``(rows, cols, 1)`` classes of ``(rows, cols, channels)`` scores."""
         classes = np.argmax(scores, axis=-1)[..., None]
         if self.threshold is None:
-            return classes.astype(np.int32)
+            return np.asarray(classes.astype(np.int32))
         best = np.max(scores, axis=-1, keepdims=True)
         out = classes.astype(np.float64 if float(self.below) % 1 else np.int64)
         out[best < self.threshold] = self.below
-        return out
+        return np.asarray(out)

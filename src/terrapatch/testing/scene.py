@@ -67,7 +67,7 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], cell: int) -
     b = coarse[y0][:, x0 + 1]
     c = coarse[y0 + 1][:, x0]
     d = coarse[y0 + 1][:, x0 + 1]
-    return (a * (1 - fx) + b * fx) * (1 - fy) + (c * (1 - fx) + d * fx) * fy
+    return np.asarray((a * (1 - fx) + b * fx) * (1 - fy) + (c * (1 - fx) + d * fx) * fy)
 
 
 def _class_map(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
@@ -107,7 +107,7 @@ def _reflectance(rng: np.random.Generator, labels: np.ndarray) -> np.ndarray:
     illumination = 1.0 + 0.05 * _smooth_noise(rng, (h, w), 64)
     bands = SPECTRA[labels].transpose(2, 0, 1) * gain * illumination
     bands += rng.normal(0, 20, bands.shape)  # sensor noise
-    return np.clip(bands, 1, 10000)
+    return np.asarray(np.clip(bands, 1, 10000))
 
 
 def make_scene(

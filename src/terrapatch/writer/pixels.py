@@ -67,7 +67,7 @@ def convert_pixels(values: np.ndarray, dtype: np.dtype, rounding: bool = False) 
         src = np.iinfo(values.dtype)
         if src.min >= info.min and src.max <= info.max:
             return values.astype(dtype)
-        return np.clip(values, info.min, info.max).astype(dtype)
+        return np.asarray(np.clip(values, info.min, info.max).astype(dtype))
     work = values.astype(np.float64, copy=True)
     if rounding:
         work = np.sign(work) * np.floor(np.abs(work) + 0.5)
