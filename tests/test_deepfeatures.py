@@ -30,7 +30,12 @@ from terrapatch.errors import InputError, MissingInputError, ModelError  # noqa:
 from terrapatch.extraction import extract_patches  # noqa: E402
 from terrapatch.patches import read_patches  # noqa: E402
 from terrapatch.raster import Source  # noqa: E402
-from terrapatch.testing import make_scene  # noqa: E402
+from terrapatch.testing import (  # noqa: E402
+    assert_same_map,
+    assert_same_values,
+    make_scene,
+    read_raster,
+)
 from terrapatch.testing.onnx_models import (  # noqa: E402
     conv_onnx,
     segmentation_onnx,
@@ -66,14 +71,9 @@ def _s10(scene, rf=None):
     return [Source(scene.img_10m, rf, nodata=0, name="source1")]
 
 
-def _read(path):
-    with rasterio.open(path) as ds:
-        return ds.read(1), ds.transform, ds.dtypes[0]
-
-
 def _at_points(path, x, y):
     """Map values at the pixels holding the points."""
-    values, t, _ = _read(path)
+    values, t = read_raster(path, band=1)[:2]
     cols = np.floor((np.asarray(x) - t.c) / t.a).astype(int)
     rows = np.floor((np.asarray(y) - t.f) / t.e).astype(int)
     assert (cols >= 0).all() and (rows >= 0).all()
@@ -233,24 +233,24 @@ def test_map_equals_the_classifier_at_the_training_points(data, full_map):
 
 
 def test_map_does_not_depend_on_tiles_box_or_mode(data, full_map, tmp_path):
-    ref, t, _ = _read(full_map)
+    ref, t = read_raster(full_map, band=1)[:2]
     s = _s10(data["scene"])
     D.classify(s, data["f8"], data["clf"], tmp_path / "t7.tif", tile_size=7, quiet=True)
-    np.testing.assert_array_equal(_read(tmp_path / "t7.tif")[0], ref)
+    assert_same_map(tmp_path / "t7.tif", full_map)
     D.classify(s, data["f8"], data["clf"], tmp_path / "fcn.tif", fullyconv=True, tile_size=32,
                quiet=True)
-    np.testing.assert_array_equal(_read(tmp_path / "fcn.tif")[0], ref)
+    assert_same_map(tmp_path / "fcn.tif", full_map)
     box = (10, 20, 33, 17)
     D.classify(s, data["f8"], data["clf"], tmp_path / "box.tif", box=box, quiet=True)
-    values, tb, _ = _read(tmp_path / "box.tif")
-    np.testing.assert_array_equal(values, ref[20:37, 10:43])
+    values, tb = read_raster(tmp_path / "box.tif", band=1)[:2]
+    assert_same_values(values, ref[20:37, 10:43])
     assert (tb.c, tb.f) == (t.c + 10 * t.a, t.f + 20 * t.e)
 
 
 def test_map_on_two_dask_workers_equals_in_process(data, full_map, tmp_path):
     D.classify(_s10(data["scene"]), data["f8"], data["clf"], tmp_path / "w.tif", workers=2,
                tile_size=32, quiet=True)
-    np.testing.assert_array_equal(_read(tmp_path / "w.tif")[0], _read(full_map)[0])
+    assert_same_map(tmp_path / "w.tif", full_map)
 
 
 def test_probabilities_output(data, tmp_path):
@@ -321,7 +321,7 @@ def test_cli_train_and_classify(data, tmp_path, capsys):
                      "-optim.tilesizex", "20", "-out", f"{tmp_path / 'm.tif'}?&box=5:5:40:30",
                      "int16")
     assert (code, err) == (0, [])
-    values, _, dtype = _read(tmp_path / "m.tif")
+    values, _, dtype = read_raster(tmp_path / "m.tif", band=1)[:3]
     assert values.shape == (30, 40) and dtype == "int16"
     assert set(np.unique(values)) <= set(bundle.classes)
 
@@ -337,7 +337,7 @@ def test_apps_in_python(data, tmp_path):
     ImageClassifierFromDeepFeatures(
         {"source1.il": scene.img_10m, "deepmodel.dir": data["f8"], "model": tmp_path / "k.skops"}
     ).write(tmp_path / "k.tif", ext_fname="box=0:0:12:9")
-    values, _, dtype = _read(tmp_path / "k.tif")
+    values, _, dtype = read_raster(tmp_path / "k.tif", band=1)[:3]
     assert values.shape == (9, 12) and dtype == "uint8"
 
 

@@ -8,7 +8,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
 import pytest
-import rasterio
 
 from terrapatch.engines import (
     Engine,
@@ -19,30 +18,27 @@ from terrapatch.engines import (
     load_engine,
 )
 from terrapatch.errors import ModelError
-from terrapatch.testing.models import identity_model, seed_model
+from terrapatch.testing import read_raster
+from terrapatch.testing.markers import requires, requires_onnx
+
+#: Keras models, their SavedModel and their ONNX export (the ``tensorflow`` extra).
+requires_export = requires("tensorflow", "keras", "tf2onnx", "onnx")
 
 
 @pytest.fixture(scope="module")
 def seed_files(tmp_path_factory):
-    """The seed model as .keras, SavedModel and (when exportable) ONNX."""
+    """The seed model in memory, as .keras, and exported as SavedModel and ONNX."""
+    from terrapatch.export import export_model
+    from terrapatch.testing.models import seed_model
+
     directory = tmp_path_factory.mktemp("seed_engines")
     model = seed_model(seed=3)
     keras_path = directory / "seed.keras"
     model.save(keras_path)
-    files = {"keras": keras_path, "model": model}
-    try:
-        from terrapatch.export import export_model
-    except ImportError:  # pragma: no cover - export module is part of the package
-        export_model = None
-    if export_model is not None:
-        export_model(keras_path, savedmodel=directory / "seed_savedmodel",
-                     onnx=directory / "seed.onnx")
-        files["savedmodel"] = directory / "seed_savedmodel"
-        files["onnx"] = directory / "seed.onnx"
-    else:
-        model.export(directory / "seed_savedmodel", format="tf_saved_model", verbose=False)
-        files["savedmodel"] = directory / "seed_savedmodel"
-    return files
+    export_model(keras_path, savedmodel=directory / "seed_savedmodel",
+                 onnx=directory / "seed.onnx")
+    return {"keras": keras_path, "model": model, "savedmodel": directory / "seed_savedmodel",
+            "onnx": directory / "seed.onnx"}
 
 
 def _seed_feed(m=5, rng_seed=0):
@@ -53,29 +49,26 @@ def _seed_feed(m=5, rng_seed=0):
     }
 
 
+@requires_export
 def test_engine_kinds(seed_files):
     assert isinstance(load_engine(seed_files["keras"]), KerasEngine)
     assert isinstance(load_engine(seed_files["savedmodel"]), SavedModelEngine)
     assert isinstance(load_engine(seed_files["model"]), KerasEngine)
     engine = load_engine(seed_files["keras"])
     assert Engine.load(engine) is engine
-    if "onnx" in seed_files:
-        assert isinstance(load_engine(seed_files["onnx"]), OnnxEngine)
+    assert isinstance(load_engine(seed_files["onnx"]), OnnxEngine)
 
 
+@requires_export
 def test_engines_give_the_same_outputs(seed_files):
     feed = _seed_feed()
     names = ["estimated", "estimated_labels", "features"]
     results = {}
     for kind in ("model", "keras", "savedmodel", "onnx"):
-        if kind not in seed_files:
-            continue
         engine = load_engine(seed_files[kind])
         assert set(engine.input_names) == {"input_10m", "input_20m"}
         assert set(engine.output_names) == set(names)
         results[kind] = engine.run(feed, names)
-    if "onnx" not in seed_files:  # pragma: no cover - reported as a skip below
-        pytest.skip("terrapatch.export is not available: ONNX engine not compared")
     ref = results["keras"]
     assert ref["estimated"].shape == (2, 5, 5, 6)
     assert ref["estimated_labels"].shape == (2, 5, 5, 1)
@@ -91,6 +84,7 @@ def test_engines_give_the_same_outputs(seed_files):
         assert res["estimated_labels"].dtype == np.int64
 
 
+@requires_export
 def test_output_names_key_then_layer_name(seed_files):
     engine = load_engine(seed_files["keras"])
     feed = _seed_feed(m=2)
@@ -102,10 +96,9 @@ def test_output_names_key_then_layer_name(seed_files):
     assert engine.resolve_output("feats") == "features"
 
 
+@requires_export
 @pytest.mark.parametrize("kind", ["keras", "savedmodel", "onnx"])
 def test_unknown_names_list_what_exists(seed_files, kind):
-    if kind not in seed_files:
-        pytest.skip("terrapatch.export is not available: no ONNX file")
     engine = load_engine(seed_files[kind])
     with pytest.raises(ModelError, match=r"'nope' is not an output.*estimated, "
                                          r"estimated_labels, features"):
@@ -115,7 +108,10 @@ def test_unknown_names_list_what_exists(seed_files, kind):
         engine.resolve_input("input_5m", "source1.placeholder")
 
 
+@requires_export
 def test_inputs_converted_to_model_dtype(tmp_path):
+    from terrapatch.testing.models import identity_model
+
     model = identity_model(bands=2, rank=4, dtype="int16")
     model.save(tmp_path / "id16.keras")
     model.export(tmp_path / "id16_sm", format="tf_saved_model", verbose=False)
@@ -128,6 +124,7 @@ def test_inputs_converted_to_model_dtype(tmp_path):
         assert out.tolist() == [[[[1, -2], [300, 7]]]]
 
 
+@requires_export
 def test_missing_input_value_and_run_failure(seed_files):
     engine = load_engine(seed_files["keras"])
     feed = _seed_feed()
@@ -138,6 +135,7 @@ def test_missing_input_value_and_run_failure(seed_files):
         engine.run(bad, ["estimated"])
 
 
+@requires_export
 def test_missing_and_corrupt_models(tmp_path):
     with pytest.raises(ModelError, match=r"model.dir: model '.*nothere' does not exist"):
         load_engine(tmp_path / "nothere")
@@ -160,6 +158,7 @@ def test_missing_and_corrupt_models(tmp_path):
         load_engine(42)
 
 
+@requires_export
 def test_served_maps_agree_across_engines_and_with_the_model_in_memory(seed_files,
                                                                        tmp_path):
     """Keras → SavedModel → ONNX serve the same map, equal to the model applied in memory."""
@@ -167,7 +166,7 @@ def test_served_maps_agree_across_engines_and_with_the_model_in_memory(seed_file
 
     from terrapatch.raster import Source
     from terrapatch.serve import prepare_serve
-    from terrapatch.testing.rasters import write_raster
+    from terrapatch.testing import write_raster
 
     rng = np.random.default_rng(9)
     t10 = Affine(10.0, 0.0, 500000.0, 0.0, -10.0, 4000000.0)
@@ -178,15 +177,12 @@ def test_served_maps_agree_across_engines_and_with_the_model_in_memory(seed_file
                        t20)
     maps = {}
     for kind in ("keras", "savedmodel", "onnx"):
-        if kind not in seed_files:
-            continue
         sources = [Source(p20, 8, placeholder="input_20m", name="source1"),
                    Source(p10, 16, placeholder="input_10m", name="source2")]
         job = prepare_serve(sources, seed_files[kind], ["estimated", "features"],
                             fullyconv=True, tile_size=8)
         summary = job.run(tmp_path / f"{kind}.tif", quiet=True)
-        with rasterio.open(summary.path) as ds:
-            maps[kind] = ds.read()
+        maps[kind] = read_raster(summary.path).values
     # In memory: the whole output grid as one tensor per source, through the Keras model.
     grid = job.output_grid
     regions = job.layout.tile_regions(0, 0, grid.width, grid.height)
@@ -201,10 +197,9 @@ def test_served_maps_agree_across_engines_and_with_the_model_in_memory(seed_file
     assert memory.shape == maps["keras"].shape == (70, 23, 23)
     for kind, values in maps.items():
         np.testing.assert_allclose(values, memory, atol=1e-4, err_msg=kind)
-    if "onnx" not in maps:
-        pytest.skip("terrapatch.export is not available: ONNX map not compared")
 
 
+@requires_onnx
 def test_onnx_threads_from_the_environment(tmp_path, monkeypatch):
     """Local Dask clusters share the cores between ONNX workers through this variable."""
     from terrapatch.engines import ONNX_THREADS_ENV, OnnxEngine

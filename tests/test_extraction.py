@@ -1,4 +1,4 @@
-"""PatchesExtraction on synthetic GeoTIFFs: windows, rejections, counts, order, outputs, facade.
+"""PatchesExtraction on synthetic GeoTIFFs: windows, rejections, counts, order, outputs.
 
 Every raster here is a *coordinate raster* (band 1 = column, band 2 = row) or a
 small raster with hand-placed values, written with an explicit transform, so the
@@ -21,15 +21,20 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import terrapatch.patches as patches_module
-from terrapatch.apps import PatchesExtraction
-from terrapatch.errors import CRSMismatchError, InputError, NoSamplesError, ParameterError
+from terrapatch.errors import CRSMismatchError, InputError, NoSamplesError
 from terrapatch.extraction import ExtractionSummary, extract_patches
 from terrapatch.extraction import reading as reading_module
 from terrapatch.extraction import spool as spool_module
 from terrapatch.geometry import Layout, extraction_factor
 from terrapatch.patches import read_patches, read_patches_info
 from terrapatch.raster import Source
-from terrapatch.testing import coordinate_raster, write_raster
+from terrapatch.testing import (
+    assert_coordinate_patch,
+    assert_same_patches,
+    coordinate_raster,
+    read_raster,
+    write_raster,
+)
 from terrapatch.vector import PointSet, write_points
 
 L, T = 500000.0, 4000000.0
@@ -62,20 +67,6 @@ def geojson(path: Path, features: list[dict]) -> Path:
 def in_cell(spacing: float, j: int, i: int, dx: float, dy: float) -> tuple[float, float]:
     """Point at offset (dx, dy) metres (dy downwards) inside pixel (j, i) of a grid at (L, T)."""
     return L + spacing * j + dx, T - spacing * i - dy
-
-
-def assert_window(patch: np.ndarray, col0: int, row0: int) -> None:
-    """A coordinate-raster patch (rows, cols, 2) holds cols col0.. and rows row0.. exactly."""
-    ry, rx = patch.shape[:2]
-    cols = np.broadcast_to(np.arange(col0, col0 + rx), (ry, rx))
-    rows = np.broadcast_to(np.arange(row0, row0 + ry)[:, None], (ry, rx))
-    np.testing.assert_array_equal(patch[..., 0], cols)
-    np.testing.assert_array_equal(patch[..., 1], rows)
-
-
-def read_band(path: Path) -> np.ndarray:
-    with rasterio.open(path) as ds:
-        return ds.read()
 
 
 def out_files(directory: Path, inputs: set[str]) -> set[str]:
@@ -120,8 +111,8 @@ def test_two_sources_windows_by_hand(tmp_path, pair, order):
     assert p20.shape == (len(CELLS), 8, 8, 2)
     assert p10.shape == (len(CELLS), 16, 16, 2)
     for n, (j, i, _, _) in enumerate(CELLS):
-        assert_window(p20[n], j - 4, i - 4)            # 20 m cols j-4..j+3
-        assert_window(p10[n], 2 * j - 8, 2 * i - 8)    # 10 m cols 2j-8..2j+7
+        assert_coordinate_patch(p20[n], j - 4, i - 4)            # 20 m cols j-4..j+3
+        assert_coordinate_patch(p10[n], 2 * j - 8, 2 * i - 8)    # 10 m cols 2j-8..2j+7
         # Same ground: left/top edges and 160 m extents coincide.
         assert L + 20 * p20[n, 0, 0, 0] == L + 10 * p10[n, 0, 0, 0]
         assert T - 20 * p20[n, 0, 0, 1] == T - 10 * p10[n, 0, 0, 1]
@@ -141,11 +132,9 @@ def test_both_orders_give_identical_files(tmp_path, pair):
                         labels_out=tmp_path / "bl.tif", quiet=True)
     assert 0 < a.n_collected < 40  # some points are near the border
     assert a.n_collected == b.n_collected
-    np.testing.assert_array_equal(read_patches(tmp_path / "a20.tif"),
-                                  read_patches(tmp_path / "b20.tif"))
-    np.testing.assert_array_equal(read_patches(tmp_path / "a10.tif"),
-                                  read_patches(tmp_path / "b10.tif"))
-    np.testing.assert_array_equal(read_band(tmp_path / "al.tif"), read_band(tmp_path / "bl.tif"))
+    assert_same_patches(tmp_path / "a20.tif", tmp_path / "b20.tif")
+    assert_same_patches(tmp_path / "a10.tif", tmp_path / "b10.tif")
+    assert_same_patches(tmp_path / "al.tif", tmp_path / "bl.tif")
 
 
 def test_grid_factor_override_gives_otbtf_single_source_windows(tmp_path, pair):
@@ -155,7 +144,8 @@ def test_grid_factor_override_gives_otbtf_single_source_windows(tmp_path, pair):
     summary = extract_patches([Source(c10, 16, name="source1"), Source(c20, 8, name="source2")],
                               vec, "class", [tmp_path / "o10.tif", None], factor=1, quiet=True)
     assert summary.factor == 1
-    assert_window(read_patches(tmp_path / "o10.tif")[0], 21 - 8, 13 - 8)  # OTBTF: c - 16//2
+    # OTBTF: c - 16//2
+    assert_coordinate_patch(read_patches(tmp_path / "o10.tif")[0], 21 - 8, 13 - 8)
 
 
 @pytest.mark.parametrize(
@@ -178,14 +168,14 @@ def test_single_source_reference_examples(tmp_path, x, y, size, window):
                               labels_out=tmp_path / "l.tif", quiet=True)
     assert summary.factor == 1
     patches = read_patches(tmp_path / "o.tif")
-    labels = read_band(tmp_path / "l.tif").ravel()
+    labels = read_raster(tmp_path / "l.tif").values.ravel()
     if window is None:
         assert summary.n_collected == 1 and summary.n_rejected_outside == 1
         assert labels.tolist() == [2]
     else:
         assert summary.n_collected == 2
         assert labels.tolist() == [1, 2]
-        assert_window(patches[0], *window)
+        assert_coordinate_patch(patches[0], *window)
 
 
 def test_non_square_patches_round_trip_with_metadata(tmp_path, pair):
@@ -207,8 +197,8 @@ def test_non_square_patches_round_trip_with_metadata(tmp_path, pair):
     p10 = read_patches(tmp_path / "o10.tif")
     assert p20.shape == (2, 4, 6, 2) and p10.shape == (2, 8, 12, 2)
     for n, (j, i) in enumerate(cells):
-        assert_window(p20[n], j - 3, i - 2)
-        assert_window(p10[n], 2 * j - 6, 2 * i - 4)
+        assert_coordinate_patch(p20[n], j - 3, i - 2)
+        assert_coordinate_patch(p10[n], 2 * j - 6, 2 * i - 4)
 
 
 # ---------------------------------------------------------------- 2. rejections and counts
@@ -228,7 +218,7 @@ def test_nodata_in_band_two_only_drops_exactly_the_samples_covering_it(tmp_path)
                    if not (9 <= c <= 16 and 7 <= r <= 14)]
     summary = extract_patches([Source(img, 8, nodata=-7)], vec, "class",
                               [tmp_path / "o.tif"], labels_out=tmp_path / "l.tif", quiet=True)
-    assert read_band(tmp_path / "l.tif").ravel().tolist() == expect_kept
+    assert read_raster(tmp_path / "l.tif").values.ravel().tolist() == expect_kept
     assert summary.rejected_nodata == {"source1": len(centres) - len(expect_kept)}
     assert summary.n_collected == len(expect_kept)
     # Without nodata nothing is dropped.
@@ -260,7 +250,7 @@ def test_nodata_is_compared_in_the_raster_type(tmp_path):
     summary = extract_patches([Source(img, 3, nodata=0.1)], vec, "class", [tmp_path / "o.tif"],
                               labels_out=tmp_path / "l.tif", quiet=True)
     assert summary.rejected_nodata == {"source1": 1}
-    assert read_band(tmp_path / "l.tif").ravel().tolist() == [2]
+    assert read_raster(tmp_path / "l.tif").values.ravel().tolist() == [2]
     # float64 raster: compared exactly in float64 (OTBTF would round both to float32).
     data64 = np.full((1, 20, 20), 2.0, np.float64)
     data64[0, 3, 3] = 1.0 + 1e-9
@@ -338,7 +328,7 @@ def test_summary_counts_per_source(tmp_path):
     assert summary.rejected_nodata == {"source1": 2, "source2": 1}
     assert (summary.n_collected + summary.n_rejected_outside
             + sum(summary.rejected_nodata.values())) == summary.n_features
-    assert read_band(tmp_path / "l.tif").ravel().tolist() == [0, 1]
+    assert read_raster(tmp_path / "l.tif").values.ravel().tolist() == [0, 1]
     assert "2 samples collected of 7" in str(summary)
     assert set(summary.outputs) == {"source1.out", "source2.out", "outlabels"}
 
@@ -354,7 +344,7 @@ def test_nodata_of_an_unwritten_source_still_rejects(tmp_path, pair):
         "class", [tmp_path / "o20.tif", None], quiet=True)
     assert summary.rejected_nodata == {"source1": 0, "source2": 1}
     assert set(summary.outputs) == {"source1.out"}
-    assert_window(read_patches(tmp_path / "o20.tif")[0], 30 - 4, 30 - 4)
+    assert_coordinate_patch(read_patches(tmp_path / "o20.tif")[0], 30 - 4, 30 - 4)
 
 
 @pytest.fixture(scope="module")
@@ -388,14 +378,14 @@ def test_sample_order_is_feature_order_in_every_output(tmp_path, big_pair):
     kept = np.flatnonzero(inside)
     assert 0 < summary.n_rejected_outside == int((~inside).sum())
     assert summary.n_collected == len(kept)
-    labels = read_band(tmp_path / "l.tif")
+    labels = read_raster(tmp_path / "l.tif").values
     assert labels.shape == (1, len(kept), 1)
     assert labels.ravel().tolist() == kept.tolist()
     p10 = read_patches(tmp_path / "o10.tif")
     p20 = read_patches(tmp_path / "o20.tif")
     for n, f in enumerate(kept):
-        assert_window(p10[n], 2 * j[f] - 8, 2 * i[f] - 8)
-        assert_window(p20[n], j[f] - 4, i[f] - 4)
+        assert_coordinate_patch(p10[n], 2 * j[f] - 8, 2 * i[f] - 8)
+        assert_coordinate_patch(p20[n], j[f] - 4, i[f] - 4)
     meta, _, geom, fields = pyogrio.raw.read(tmp_path / "kept.gpkg")
     names = list(meta["fields"])
     assert names == ["class", "patch", "feature"]
@@ -453,12 +443,12 @@ def test_labels_image_default_uint8_clamp_truncate_and_strings(tmp_path, pair, c
     reals = points(tmp_path / "real.gpkg", x[:4], y[:4], np.array([3.9, 7.2, -0.5, 200.99]))
     extract_patches([Source(c20, 4)], reals, "class", [tmp_path / "o.tif"],
                     labels_out=tmp_path / "l2.tif", labels_pixel_type="int16", quiet=True)
-    assert read_band(tmp_path / "l2.tif").ravel().tolist() == [3, 7, 0, 200]
+    assert read_raster(tmp_path / "l2.tif").values.ravel().tolist() == [3, 7, 0, 200]
     strings = points(tmp_path / "str.geojson", x[:3], y[:3],
                      np.array(["12", " 4 ", "5.8"], dtype=object))
     extract_patches([Source(c20, 4)], strings, "class", [tmp_path / "o.tif"],
                     labels_out=tmp_path / "l3.tif", quiet=True)
-    assert read_band(tmp_path / "l3.tif").ravel().tolist() == [12, 4, 5]
+    assert read_raster(tmp_path / "l3.tif").values.ravel().tolist() == [12, 4, 5]
 
 
 # ---------------------------------------------------------------- 3. vector formats
@@ -480,10 +470,10 @@ def test_vector_formats_give_the_same_samples(tmp_path, pair, ext):
         [tmp_path / "o20.tif", tmp_path / "o10.tif"], labels_out=tmp_path / "l.tif", quiet=True)
     assert summary.n_skipped == 1
     assert summary.n_collected == 5
-    assert read_band(tmp_path / "l.tif").ravel().tolist() == [1, 2, 3, 4, 5]
+    assert read_raster(tmp_path / "l.tif").values.ravel().tolist() == [1, 2, 3, 4, 5]
     p20 = read_patches(tmp_path / "o20.tif")
     for n, (j, i, _, _) in enumerate(c for k, c in enumerate(CELLS) if k != 1):
-        assert_window(p20[n], j - 4, i - 4)
+        assert_coordinate_patch(p20[n], j - 4, i - 4)
 
 
 def test_multi_layer_gpkg_read_in_layer_order(tmp_path, pair):
@@ -503,10 +493,10 @@ def test_multi_layer_gpkg_read_in_layer_order(tmp_path, pair):
     summary = extract_patches([Source(c20, 4)], path, "class", [tmp_path / "o.tif"],
                               labels_out=tmp_path / "l.tif", quiet=True)
     assert summary.n_skipped == 1
-    assert read_band(tmp_path / "l.tif").ravel().tolist() == [1, 2, 3, 4, 5]
+    assert read_raster(tmp_path / "l.tif").values.ravel().tolist() == [1, 2, 3, 4, 5]
     p = read_patches(tmp_path / "o.tif")
     for n, (j, i) in enumerate([(10, 10), (20, 20), (30, 5), (5, 30), (12, 12)]):
-        assert_window(p[n], j - 2, i - 2)
+        assert_coordinate_patch(p[n], j - 2, i - 2)
 
 
 def test_multi_layer_gpkg_with_layers_in_different_crs(tmp_path, pair):
@@ -529,7 +519,7 @@ def test_multi_layer_gpkg_with_layers_in_different_crs(tmp_path, pair):
     summary = extract_patches([Source(c20, 4)], path, "class", [tmp_path / "o.tif"],
                               reproject=True, quiet=True)
     assert summary.n_collected == 2
-    assert_window(read_patches(tmp_path / "o.tif")[1], 18, 18)
+    assert_coordinate_patch(read_patches(tmp_path / "o.tif")[1], 18, 18)
 
 
 def test_empty_point_geometry_does_not_shift_labels(tmp_path, pair):
@@ -547,10 +537,10 @@ def test_empty_point_geometry_does_not_shift_labels(tmp_path, pair):
         assert "empty" in str(exc).lower()
         return
     assert summary.n_features + summary.n_skipped == 3
-    assert read_band(tmp_path / "l.tif").ravel().tolist() == [2, 3]
+    assert read_raster(tmp_path / "l.tif").values.ravel().tolist() == [2, 3]
     p = read_patches(tmp_path / "o.tif")
-    assert_window(p[0], 8, 8)
-    assert_window(p[1], 18, 18)
+    assert_coordinate_patch(p[0], 8, 8)
+    assert_coordinate_patch(p[1], 18, 18)
 
 
 # ---------------------------------------------------------------- 4. outputs
@@ -601,10 +591,10 @@ def test_image_list_is_stacked_as_bands_in_order(tmp_path, pair):
     a = read_patches(tmp_path / "a.tif")[0]
     b = read_patches(tmp_path / "b.tif")[0]
     assert a.shape == b.shape == (4, 4, 4)
-    assert_window(a[..., :2], 38, 28)
+    assert_coordinate_patch(a[..., :2], 38, 28)
     assert (a[..., 2] == 7).all() and (a[..., 3] == 9).all()
     assert (b[..., 0] == 7).all() and (b[..., 1] == 9).all()
-    assert_window(b[..., 2:], 38, 28)
+    assert_coordinate_patch(b[..., 2:], 38, 28)
 
 
 def test_failed_write_leaves_no_file_and_no_temporary(tmp_path, pair, monkeypatch):
@@ -648,7 +638,7 @@ def test_failed_write_keeps_previous_file_intact(tmp_path, pair, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o.tif", "p.geojson"]
 
 
-def _run_big(tmp_path: Path, big_pair, tag: str) -> tuple[np.ndarray, ...]:
+def _run_big(tmp_path: Path, big_pair, tag: str) -> tuple[int, Path, Path, Path]:
     c10, c20, vec, _, _ = big_pair
     data = np.full((1, 550, 550), 3, np.uint16)
     data[0, 100:120, 300:301] = 0
@@ -657,8 +647,8 @@ def _run_big(tmp_path: Path, big_pair, tag: str) -> tuple[np.ndarray, ...]:
         [Source(c10, 16, name="source1"), Source([c20, nod], 8, nodata=0, name="source2")],
         vec, "class", [tmp_path / f"{tag}10.tif", tmp_path / f"{tag}20.tif"],
         labels_out=tmp_path / f"{tag}l.tif", quiet=True)
-    return (summary.n_collected, read_patches(tmp_path / f"{tag}10.tif"),
-            read_patches(tmp_path / f"{tag}20.tif"), read_band(tmp_path / f"{tag}l.tif"))
+    return (summary.n_collected, tmp_path / f"{tag}10.tif", tmp_path / f"{tag}20.tif",
+            tmp_path / f"{tag}l.tif")
 
 
 def test_memmap_buffering_gives_identical_output(tmp_path, big_pair, monkeypatch):
@@ -676,7 +666,7 @@ def test_memmap_buffering_gives_identical_output(tmp_path, big_pair, monkeypatch
     assert len(used) == 2   # one buffer per written source
     assert got[0] == ref[0]
     for a, b in zip(ref[1:], got[1:], strict=True):
-        np.testing.assert_array_equal(a, b)
+        assert_same_patches(b, a)
 
 
 def test_per_sample_reads_give_identical_output(tmp_path, big_pair, monkeypatch):
@@ -700,156 +690,8 @@ def test_per_sample_reads_give_identical_output(tmp_path, big_pair, monkeypatch)
     got = _run_big(tmp_path, big_pair, "ps")
     assert got[0] == ref[0]
     for a, b in zip(ref[1:], got[1:], strict=True):
-        np.testing.assert_array_equal(a, b)
+        assert_same_patches(b, a)
     assert 0 < ref[0] < 90   # some nodata / outside rejections happened
-
-
-# ---------------------------------------------------------------- 6. facade
-
-
-@pytest.fixture
-def facade_inputs(tmp_path, pair):
-    c20, c10 = pair
-    xy = [in_cell(20, j, i, dx, dy) for j, i, dx, dy in CELLS]
-    vec = points(tmp_path / "p.geojson", [p[0] for p in xy], [p[1] for p in xy],
-                 np.arange(len(xy)) + 10)
-    return c10, c20, vec
-
-
-def _check_pair_outputs(o10: Path, o20: Path) -> None:
-    p10, p20 = read_patches(o10), read_patches(o20)
-    assert len(p10) == len(p20) == len(CELLS)
-    for n, (j, i, _, _) in enumerate(CELLS):
-        assert_window(p10[n], 2 * j - 8, 2 * i - 8)
-        assert_window(p20[n], j - 4, i - 4)
-
-
-def test_facade_keywords_execute_when_outputs_are_given(tmp_path, facade_inputs, monkeypatch):
-    monkeypatch.delenv("OTB_TF_NSOURCES", raising=False)
-    c10, c20, vec = facade_inputs
-    app = PatchesExtraction(
-        n_sources=2,
-        source1_il=str(c10), source1_patchsizex=16, source1_patchsizey=16,
-        source1_out=str(tmp_path / "o10.tif"),
-        source2_il=[str(c20)], source2_patchsizex=8, source2_patchsizey=8,
-        source2_out=str(tmp_path / "o20.tif"),
-        vec=str(vec), field="class", outlabels=str(tmp_path / "l.tif"), quiet=True)
-    assert app.executed
-    assert isinstance(app.result, ExtractionSummary)
-    assert app.result.n_collected == len(CELLS)
-    _check_pair_outputs(tmp_path / "o10.tif", tmp_path / "o20.tif")
-    with rasterio.open(tmp_path / "l.tif") as ds:
-        assert ds.dtypes[0] == "uint8"
-        assert ds.read(1).ravel().tolist() == list(range(10, 10 + len(CELLS)))
-
-
-def test_facade_without_outputs_does_not_run(tmp_path, facade_inputs):
-    c10, _, vec = facade_inputs
-    app = PatchesExtraction(source1_il=c10, source1_patchsizex=4, source1_patchsizey=4,
-                            vec=vec, field="class", quiet=True)
-    assert not app.executed
-    assert list(tmp_path.glob("*.tif")) == []
-
-
-def test_facade_dotted_dict_and_write(tmp_path, facade_inputs, monkeypatch):
-    monkeypatch.delenv("OTB_TF_NSOURCES", raising=False)
-    c10, c20, vec = facade_inputs
-    app = PatchesExtraction({
-        "source1.il": c10, "source1.patchsizex": 16, "source1.patchsizey": 16,
-        "source2.il": c20, "source2.patchsizex": "8", "source2.patchsizey": 8.0,
-        "vec": vec, "field": "class"}, quiet=True)
-    assert app.n_sources == 2   # inferred from the keys
-    assert not app.executed
-    result = app.write({"source1.out": tmp_path / "o10.tif", "source2_out": tmp_path / "o20.tif",
-                        "outlabels": tmp_path / "l.tif"},
-                       pixel_type="int16", ext_fname="gdal:co:COMPRESS=DEFLATE")
-    assert result.n_collected == len(CELLS)
-    for name in ("o10.tif", "o20.tif", "l.tif"):
-        with rasterio.open(tmp_path / name) as ds:
-            assert ds.dtypes[0] == "int16", name
-            assert ds.compression == rasterio.enums.Compression.deflate, name
-    _check_pair_outputs(tmp_path / "o10.tif", tmp_path / "o20.tif")
-
-
-def test_facade_write_pixel_type_mapping(tmp_path, facade_inputs):
-    c10, c20, vec = facade_inputs
-    app = PatchesExtraction(source1_il=c10, source1_patchsizex=16, source1_patchsizey=16,
-                            source2_il=c20, source2_patchsizex=8, source2_patchsizey=8,
-                            vec=vec, field="class", quiet=True)
-    app.write({"source1.out": tmp_path / "o10.tif", "source2.out": tmp_path / "o20.tif",
-               "outlabels": tmp_path / "l.tif"},
-              pixel_type={"source1.out": "uint8", "outlabels": "int32"})
-    dtypes = {}
-    for name in ("o10.tif", "o20.tif", "l.tif"):
-        with rasterio.open(tmp_path / name) as ds:
-            dtypes[name] = ds.dtypes[0]
-            assert ds.compression is None
-    assert dtypes == {"o10.tif": "uint8", "o20.tif": "float32", "l.tif": "int32"}
-
-
-def test_facade_n_sources_inferred_from_keys(tmp_path, facade_inputs, monkeypatch):
-    monkeypatch.delenv("OTB_TF_NSOURCES", raising=False)
-    c10, c20, vec = facade_inputs
-    app = PatchesExtraction(source1_il=c10, source1_patchsizex=16, source1_patchsizey=16,
-                            source1_out=tmp_path / "o10.tif",
-                            source2_il=c20, source2_patchsizex=8, source2_patchsizey=8,
-                            source2_out=tmp_path / "o20.tif", vec=vec, field="class", quiet=True)
-    assert app.n_sources == 2 and app.executed
-    _check_pair_outputs(tmp_path / "o10.tif", tmp_path / "o20.tif")
-
-
-def test_facade_honours_otb_tf_nsources(tmp_path, facade_inputs, monkeypatch):
-    c10, c20, vec = facade_inputs
-    monkeypatch.setenv("OTB_TF_NSOURCES", "3")
-    with pytest.raises(ParameterError, match=r"source3\.il: missing"):
-        PatchesExtraction(source1_il=c10, source1_patchsizex=16, source1_patchsizey=16,
-                          source1_out=tmp_path / "o10.tif",
-                          source2_il=c20, source2_patchsizex=8, source2_patchsizey=8,
-                          source2_out=tmp_path / "o20.tif", vec=vec, field="class", quiet=True)
-    assert not list(tmp_path.glob("*.tif"))
-    monkeypatch.setenv("OTB_TF_NSOURCES", "2")
-    app = PatchesExtraction(source1_il=c10, source1_patchsizex=16, source1_patchsizey=16,
-                            source1_out=tmp_path / "o10.tif", vec=vec, field="class",
-                            quiet=True, **{"source2.il": c20, "source2.patchsizex": 8,
-                                           "source2.patchsizey": 8,
-                                           "source2.out": tmp_path / "o20.tif"})
-    assert app.n_sources == 2
-    _check_pair_outputs(tmp_path / "o10.tif", tmp_path / "o20.tif")
-    # An explicit n_sources wins over the variable.
-    app = PatchesExtraction(n_sources=1, source1_il=c10, source1_patchsizex=16,
-                            source1_patchsizey=16, vec=vec, field="class", quiet=True)
-    assert app.n_sources == 1
-
-
-def test_facade_reproject_and_grid_factor_keys(tmp_path, facade_inputs):
-    from rasterio.warp import transform
-    c10, c20, _ = facade_inputs
-    x, y = in_cell(20, 12, 14, 15.0, 5.0)
-    lon, lat = transform(CRS, "EPSG:4326", [x], [y])
-    vec = points(tmp_path / "ll.geojson", lon, lat, [1], crs="EPSG:4326")
-    app = PatchesExtraction(source1_il=c10, source1_patchsizex=16, source1_patchsizey=16,
-                            source2_il=c20, source2_patchsizex=8, source2_patchsizey=8,
-                            vec=vec, field="class", vec_reproject=True, grid_factor=2,
-                            quiet=True)
-    summary = app.write({"source1.out": tmp_path / "o10.tif", "source2.out": tmp_path / "o20.tif"})
-    assert summary.factor == 2
-    assert_window(read_patches(tmp_path / "o10.tif")[0], 2 * 12 - 8, 2 * 14 - 8)
-    assert_window(read_patches(tmp_path / "o20.tif")[0], 12 - 4, 14 - 4)
-
-
-def test_facade_extended_filename_applies_to_its_own_output_only(tmp_path, facade_inputs):
-    # Was a bug (fixed in 8b558fc): one output's gdal:co options applied to every output.
-    c10, c20, vec = facade_inputs
-    PatchesExtraction(source1_il=c10, source1_patchsizex=16, source1_patchsizey=16,
-                      source1_out=f"{tmp_path / 'o10.tif'}?&gdal:co:COMPRESS=DEFLATE",
-                      source2_il=c20, source2_patchsizex=8, source2_patchsizey=8,
-                      source2_out=tmp_path / "o20.tif", outlabels=tmp_path / "l.tif",
-                      vec=vec, field="class", quiet=True)
-    with rasterio.open(tmp_path / "o10.tif") as ds:
-        assert ds.compression == rasterio.enums.Compression.deflate
-    for name in ("o20.tif", "l.tif"):
-        with rasterio.open(tmp_path / name) as ds:
-            assert ds.compression is None, name
 
 
 # ---------------------------------------------------------------- 10. property test
@@ -919,12 +761,12 @@ def test_property_patches_equal_layout_windows(nested_rasters, case):
                               labels_pixel_type="int32", quiet=True)
     kept = np.flatnonzero(inside)
     assert summary.n_collected == len(kept)
-    assert read_band(d / "labels.tif").ravel().tolist() == kept.tolist()
+    assert read_raster(d / "labels.tif").values.ravel().tolist() == kept.tolist()
     patches = [read_patches(o) for o in outs]
     for n, f in enumerate(kept):
         extents = set()
         for i, (cols, rows) in enumerate(starts):
-            assert_window(patches[i][n], int(cols[f]), int(rows[f]))
+            assert_coordinate_patch(patches[i][n], int(cols[f]), int(rows[f]))
             t = grids[i].transform
             rx, ry = sources[i].patch_size
             extents.add((t.c + cols[f] * t.a, t.f + rows[f] * t.e,

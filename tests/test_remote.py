@@ -35,8 +35,8 @@ from terrapatch.patches import read_patches
 from terrapatch.raster import Source, configure_remote_reads, gdal_path
 from terrapatch.serve import serve
 from terrapatch.stac import item_asset_paths
+from terrapatch.testing import assert_same_map, coordinate_raster, read_raster
 from terrapatch.testing.models import seed_model
-from terrapatch.testing.rasters import coordinate_raster
 from terrapatch.vector import write_points
 
 L, T = 500000.0, 4000000.0
@@ -118,11 +118,6 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def read(path: Path) -> tuple[np.ndarray, Affine]:
-    with rasterio.open(path) as ds:
-        return ds.read(), ds.transform
-
-
 def pair_sources(s20: str | Path, s10: str | Path) -> list[Source]:
     """Seed Q1: 20 m as source 1 (rf 8), 10 m as source 2 (rf 16)."""
     return [Source(s20, 8, placeholder="input_20m", name="source1"),
@@ -190,17 +185,15 @@ def test_remote_options_are_set_without_overriding_the_user(monkeypatch):
 def test_serve_from_urls_is_identical_to_local(root, base, server, seed, tmp_path):
     local = serve(pair_sources(root / "s20.tif", root / "s10.tif"), seed, tmp_path / "l.tif",
                   "estimated", fullyconv=True, tile_size=16, quiet=True)
-    expected, transform = read(local.path)
-    assert expected.shape == (6, 73, 73)
+    expected = read_raster(local.path)
+    assert expected.values.shape == (6, 73, 73)
     before = len(server.requests)
     for s20, s10 in ((f"{base}/s20.tif", f"{base}/s10.tif"),
                      (f"/vsicurl/{base}/s20.tif", f"/vsicurl/{base}/s10.tif")):
         remote = serve(pair_sources(s20, s10), seed, tmp_path / "r.tif", "estimated",
                        fullyconv=True, tile_size=16, quiet=True)
         assert len(server.requests) > before  # really read over HTTP (then GDAL's cache)
-        values, remote_transform = read(remote.path)
-        assert remote_transform == transform
-        assert values.tobytes() == expected.tobytes()
+        assert_same_map(remote.path, expected)
 
 
 def test_patch_based_serve_from_urls_is_identical(root, base, seed, tmp_path):
@@ -209,7 +202,7 @@ def test_patch_based_serve_from_urls_is_identical(root, base, seed, tmp_path):
                   "estimated_labels", box=box, quiet=True)
     remote = serve(pair_sources(f"{base}/s20.tif", f"{base}/s10.tif"), seed,
                    tmp_path / "r.tif", "estimated_labels", box=box, quiet=True)
-    assert read(remote.path)[0].tobytes() == read(local.path)[0].tobytes()
+    assert_same_map(remote.path, local.path)
 
 
 def test_extraction_from_urls_is_identical_to_local(root, base, tmp_path):
@@ -246,9 +239,8 @@ def test_item_asset_paths_resolve_against_the_item(items, base, root):
 
 
 def test_stac_item_serves_the_same_map_as_the_files(items, root, base, seed, tmp_path):
-    expected = read(serve(pair_sources(root / "s20.tif", root / "s10.tif"), seed,
-                          tmp_path / "files.tif", "estimated", fullyconv=True, quiet=True
-                          ).path)
+    expected = serve(pair_sources(root / "s20.tif", root / "s10.tif"), seed,
+                     tmp_path / "files.tif", "estimated", fullyconv=True, quiet=True).path
     keys = ",".join(BANDS_10)
     url = f"{base}/item.json"
     variants = {
@@ -262,10 +254,9 @@ def test_stac_item_serves_the_same_map_as_the_files(items, root, base, seed, tmp
     }
     for name, sources in variants.items():
         assert sources[1].bands == 4, name
-        got = read(serve(sources, seed, tmp_path / "stac.tif", "estimated", fullyconv=True,
-                         quiet=True).path)
-        assert got[1] == expected[1], name
-        assert got[0].tobytes() == expected[0].tobytes(), name
+        out = tmp_path / f"stac_{name.replace(' ', '_')}.tif"  # the message names the variant
+        assert_same_map(serve(sources, seed, out, "estimated", fullyconv=True,
+                              quiet=True).path, expected)
 
 
 def test_stac_cli_spelling(items, base, tmp_path):
@@ -390,4 +381,4 @@ def test_dask_workers_read_urls_and_set_the_options_themselves(root, base, tmp_p
                        quiet=True, scheduler=client)
         options = client.run(_worker_option, "GDAL_DISABLE_READDIR_ON_OPEN")
     assert set(options.values()) == {"EMPTY_DIR"}
-    assert read(remote.path)[0].tobytes() == read(local.path)[0].tobytes()
+    assert_same_map(remote.path, local.path)

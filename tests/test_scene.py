@@ -7,15 +7,10 @@ import pytest
 import rasterio
 from affine import Affine
 
-from terrapatch.testing import CLASSES, make_scene
+from terrapatch.testing import CLASSES, assert_same_map, make_scene, read_raster
 from terrapatch.vector import read_points
 
 SIZE = 128
-
-
-def read(path):
-    with rasterio.open(path) as ds:
-        return ds.read(), ds.transform, ds.crs, ds.nodata, ds.dtypes
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +25,8 @@ def scenes(tmp_path_factory):
 def test_same_seed_same_files_other_seed_differs(scenes):
     a, b, c = scenes
     for attr in ("img_10m", "img_20m", "labels_10m"):
-        da, db, dc = (read(getattr(s, attr))[0] for s in (a, b, c))
-        np.testing.assert_array_equal(da, db)
+        assert_same_map(getattr(a, attr), getattr(b, attr), check_layout=True)
+        da, dc = (read_raster(getattr(s, attr)).values for s in (a, c))
         assert not np.array_equal(da, dc), attr
     for attr in ("points_train", "points_valid"):
         pa, pb = (read_points(getattr(s, attr), "class") for s in (a, b))
@@ -44,12 +39,12 @@ def test_same_seed_same_files_other_seed_differs(scenes):
 
 def test_grids_nest_and_files_are_as_documented(scenes):
     s = scenes[0]
-    b10, t10, crs10, nd10, dt10 = read(s.img_10m)
-    b20, t20, crs20, nd20, dt20 = read(s.img_20m)
-    lab, tl, crsl, ndl, dtl = read(s.labels_10m)
+    b10, t10, dt10, crs10, nd10 = read_raster(s.img_10m)[:5]
+    b20, t20, dt20, crs20, nd20 = read_raster(s.img_20m)[:5]
+    lab, tl, dtl, crsl, ndl = read_raster(s.labels_10m)[:5]
     assert b10.shape == (4, SIZE, SIZE) and b20.shape == (6, SIZE // 2, SIZE // 2)
     assert lab.shape == (1, SIZE, SIZE)
-    assert dt10[0] == dt20[0] == "uint16" and dtl[0] == "uint8"
+    assert dt10 == dt20 == "uint16" and dtl == "uint8"
     assert (nd10, nd20, ndl) == (0, 0, 255)
     assert crs10 == crs20 == crsl == s.crs
     assert t10 == tl == s.transform_10m and t20 == s.transform_20m
@@ -63,9 +58,9 @@ def test_grids_nest_and_files_are_as_documented(scenes):
 
 def test_nodata_border_in_both_grids(scenes):
     s = scenes[0]
-    b10 = read(s.img_10m)[0]
-    b20 = read(s.img_20m)[0]
-    lab = read(s.labels_10m)[0][0]
+    b10 = read_raster(s.img_10m).values
+    b20 = read_raster(s.img_20m).values
+    lab = read_raster(s.labels_10m, band=1).values
     nodata10 = (b10 == 0).all(axis=0)
     nodata20 = (b20 == 0).all(axis=0)
     # Nodata is all-bands-or-none, and only on the right side.
@@ -81,7 +76,7 @@ def test_nodata_border_in_both_grids(scenes):
 
 def test_all_classes_present_and_points_match_labels(scenes):
     s = scenes[0]
-    lab = read(s.labels_10m)[0][0]
+    lab = read_raster(s.labels_10m, band=1).values
     assert set(np.unique(lab).tolist()) == {*range(len(CLASSES)), 255}
     train = read_points(s.points_train, "class")
     valid = read_points(s.points_valid, "class")

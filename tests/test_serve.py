@@ -15,6 +15,7 @@ from terrapatch.engines import KerasEngine
 from terrapatch.errors import GeometryError
 from terrapatch.raster import Source
 from terrapatch.serve import plan_tiles, prepare_serve, serve
+from terrapatch.testing import assert_same_map, coordinate_raster, read_raster, write_raster
 from terrapatch.testing.models import (
     RecordingEngine,
     dense_patch_model,
@@ -24,7 +25,6 @@ from terrapatch.testing.models import (
     seed_model,
     unet_model,
 )
-from terrapatch.testing.rasters import coordinate_raster, write_raster
 
 L, T = 500000.0, 4000000.0
 CRS = "EPSG:32631"
@@ -47,11 +47,6 @@ def write_pair(directory, n20, seed=0, x0_10=L):
     p20 = write_raster(directory / f"s20_{n20}_{seed}.tif",
                        rng.integers(0, 10000, (6, n20, n20), dtype=np.uint16), t20(), CRS)
     return p10, p20
-
-
-def read(path):
-    with rasterio.open(path) as ds:
-        return ds.read(), ds.transform, ds.crs, ds.nodata, ds.dtypes[0]
 
 
 def sources_q1(p10, p20, rf=True):
@@ -90,14 +85,14 @@ def test_i3_i5_four_seed_variants_give_one_grid_and_one_map(seed, pair, tmp_path
             s = serve(srcs, seed, tmp_path / f"{name}_{fc}.tif", output_names=OUTS,
                       fullyconv=fc, spcscale=f, quiet=True)
             assert s.bands == 6 + 64 + 1
-            maps[(name, fc)] = read(s.path)
-    ref, ref_t, ref_crs, _, _ = maps[("q1", False)]
+            maps[(name, fc)] = read_raster(s.path)
+    ref, ref_t, _, ref_crs = maps[("q1", False)][:4]
     # Hand computation: 20 m cell j reads 20 m cols j-4..j+3 and 10 m cols 2j-8..2j+7,
     # all inside for j = 4..44 -> 41 pixels starting at x = L + 4*20.
     assert ref_t == Affine(20.0, 0.0, L + 80, 0.0, -20.0, T - 80)
     assert ref.shape == (71, 41, 41)
     assert ref_crs.to_epsg() == 32631
-    for key, (values, transform, crs, _, _) in maps.items():
+    for key, (values, transform, _, crs, *_) in maps.items():
         assert transform == ref_t, key
         assert crs == ref_crs
         np.testing.assert_allclose(values[:70], ref[:70], atol=2e-5, err_msg=str(key))
@@ -124,9 +119,7 @@ def test_automatic_geometry_matches_the_seed_values(seed, pair, tmp_path):
     auto = serve(sources_q1(p10, p20, rf=False), seed, tmp_path / "auto.tif", "features",
                  fullyconv=True, quiet=True)
     assert not explicit.derived and auto.derived
-    a, b = read(explicit.path), read(auto.path)
-    assert a[1] == b[1]
-    np.testing.assert_array_equal(a[0], b[0])
+    assert_same_map(explicit.path, auto.path)
 
 
 def test_static_input_size_gives_the_patch_size(tmp_path):
@@ -135,7 +128,7 @@ def test_static_input_size_gives_the_patch_size(tmp_path):
     model = dense_patch_model(bands=2, patch=5)
     s = serve([Source(src)], model, tmp_path / "d.tif", quiet=True)
     assert s.geometry.fields == ((5, 5),) and s.derived
-    values = read(s.path)[0]
+    values = read_raster(s.path).values
     assert values.shape == (3, 16, 26)
     # Pixel (0, 0) is the model applied to the 5x5 patch at the top-left corner.
     with rasterio.open(src) as ds:
@@ -159,14 +152,14 @@ def test_i4_tiling_invariance_fcn(seed, big_pair, tmp_path):
         s = serve(sources_q1(p10, p20), seed, tmp_path / f"t{tile}.tif", "estimated",
                   fullyconv=True, tile_size=tile, quiet=True)
         assert s.tiles == {333: 1, 64: 4, 16: 36}[tile]
-        values = read(s.path)[0]
+        values = read_raster(s.path).values
         if full is None:
             full, full_t = values, s.transform
             assert values.shape == (6, 93, 93)
         np.testing.assert_allclose(values, full, atol=2e-6, err_msg=f"tile {tile}")
         boxed = serve(sources_q1(p10, p20), seed, tmp_path / f"b{tile}.tif", "estimated",
                       fullyconv=True, tile_size=tile, box=(5, 7, 50, 40), quiet=True)
-        bvalues, btransform = read(boxed.path)[:2]
+        bvalues, btransform = read_raster(boxed.path)[:2]
         assert bvalues.shape == (6, 40, 50)
         assert btransform == full_t @ Affine.translation(5, 7)
         np.testing.assert_allclose(bvalues, full[:, 7:47, 5:55], atol=2e-6)
@@ -174,13 +167,14 @@ def test_i4_tiling_invariance_fcn(seed, big_pair, tmp_path):
 
 def test_i4_tiling_invariance_patch_based(seed, pair, tmp_path):
     p10, p20 = pair
-    ref = read(serve(sources_q1(p10, p20), seed, tmp_path / "pb.tif", "estimated",
-                     tile_size=(64, 64), quiet=True).path)[0]
+    ref = read_raster(serve(sources_q1(p10, p20), seed, tmp_path / "pb.tif", "estimated",
+                      tile_size=(64, 64), quiet=True).path).values
     for tile, box in ((16, None), (7, (3, 2, 20, 33)), ((333, 5), (0, 30, 41, 11))):
         s = serve(sources_q1(p10, p20), seed, tmp_path / "pbt.tif", "estimated",
                   tile_size=tile, box=box, quiet=True)
         bx, by, bw, bh = box or (0, 0, 41, 41)
-        np.testing.assert_allclose(read(s.path)[0], ref[:, by:by + bh, bx:bx + bw], atol=2e-6)
+        np.testing.assert_allclose(read_raster(s.path).values, ref[:, by:by + bh, bx:bx + bw],
+                                   atol=2e-6)
 
 
 def test_plan_tiles_cover_the_box_once():
@@ -212,7 +206,7 @@ def test_efield_with_crop_output_matches_in_memory_model(tmp_path):
         assert s.transform == Affine(10.0, 0.0, L + 160, 0.0, -10.0, T - 160)
         assert (s.width, s.height) == (64, 64)
         assert s.tile_size == ({40: (64, 64)}.get(tile, (tile, tile)))
-        maps[tile] = read(s.path)[0]
+        maps[tile] = read_raster(s.path).values
         np.testing.assert_allclose(maps[tile].transpose(1, 2, 0), full[16:80, 16:80],
                                    atol=1e-5)
     auto = serve([Source(src)], model, tmp_path / "uauto.tif", "estimated_crop16",
@@ -220,7 +214,7 @@ def test_efield_with_crop_output_matches_in_memory_model(tmp_path):
     assert auto.derived and auto.geometry.efield == (2, 2)
     assert auto.geometry.fields == ((34, 34),)
     assert auto.transform == Affine(10.0, 0.0, L + 160, 0.0, -10.0, T - 160)
-    np.testing.assert_allclose(read(auto.path)[0][:, :64, :64], maps[32], atol=1e-5)
+    np.testing.assert_allclose(read_raster(auto.path).values[:, :64, :64], maps[32], atol=1e-5)
     # rf given without ef: the expression field is derived to match it (OTBTF needs 32).
     fitted = prepare_serve([Source(src, 64)], model, "estimated_crop16", fullyconv=True)
     assert fitted.geometry.efield == (32, 32)
@@ -243,7 +237,7 @@ def test_spcscale_subsamples_source1_pixels(tmp_path):
     src = coordinate_raster(tmp_path / "coords.tif", 23, 17, t10(), CRS)
     s = serve([Source(src, 1)], identity_model(bands=2), tmp_path / "sub.tif", spcscale=2,
               quiet=True)
-    values, transform = read(s.path)[:2]
+    values, transform = read_raster(s.path)[:2]
     # Cell k of G reads source pixel 2k (its reference pixel); grid lines on source1's.
     assert transform == Affine(20.0, 0.0, L, 0.0, -20.0, T)
     assert values.shape == (2, 9, 12)
@@ -260,7 +254,7 @@ def test_identity_models_of_every_output_rank(tmp_path, rank, fullyconv):
     src = write_raster(tmp_path / "in.tif", data, t10(), CRS)
     s = serve([Source(src, 1)], identity_model(bands=bands, rank=rank), tmp_path / "id.tif",
               fullyconv=fullyconv, efield=1, tile_size=(8, 5), quiet=True)
-    values, transform = read(s.path)[:2]
+    values, transform = read_raster(s.path)[:2]
     assert transform == t10()
     assert np.array_equal(values, data)
 
@@ -270,7 +264,7 @@ def test_box_is_in_output_grid_pixels(tmp_path):
     model = identity_model(bands=2)
     # RF 1: output pixel (i, j) is source pixel (i, j); box (3, 4, 5, 6) is cols 3..7.
     s = serve([Source(src, 1)], model, tmp_path / "b.tif", box=(3, 4, 5, 6), quiet=True)
-    values, transform = read(s.path)[:2]
+    values, transform = read_raster(s.path)[:2]
     assert transform == Affine(10.0, 0.0, L + 30, 0.0, -10.0, T - 40)
     assert values.shape == (2, 6, 5)
     assert values[0, 0].tolist() == [3, 4, 5, 6, 7] and values[1, :, 0].tolist() == list(
@@ -278,7 +272,7 @@ def test_box_is_in_output_grid_pixels(tmp_path):
     cropped = serve([Source(src, 1)], model, tmp_path / "c.tif", box=(-2, 15, 5, 50),
                     quiet=True)
     assert cropped.box == (0, 15, 3, 5)
-    assert read(cropped.path)[0].shape == (2, 5, 3)
+    assert read_raster(cropped.path).values.shape == (2, 5, 3)
     with pytest.raises(GeometryError, match=r"box=30:0:5:5 does not overlap the output grid "
                                             r"\(30×20"):
         serve([Source(src, 1)], model, tmp_path / "d.tif", box=(30, 0, 5, 5), quiet=True)
@@ -299,7 +293,7 @@ def test_nodata_tiles_are_skipped_and_filled_with_bv(tmp_path):
     s = serve([Source(src, 4, nodata=0)], norm_model(bands=3), tmp_path / "norm.tif",
               fullyconv=True, efield=4, tile_size=4, background=1024, quiet=True)
     assert s.tiles == 20 and s.skipped_tiles == 5
-    values, transform, _, nodata, _ = read(s.path)
+    values, transform, _, _, nodata = read_raster(s.path)[:5]
     assert transform == t10() and nodata == 1024
     expected = np.sqrt((data.astype(np.float64) ** 2).sum(axis=0))
     expected[0:4, 0:4] = 1024
@@ -310,12 +304,12 @@ def test_nodata_tiles_are_skipped_and_filled_with_bv(tmp_path):
     s2 = serve([Source(src, 4, nodata=0)], norm_model(bands=3), tmp_path / "norm8.tif",
                fullyconv=True, efield=4, tile_size=8, background=1024, quiet=True)
     assert s2.skipped_tiles == 1
-    values8 = read(s2.path)[0][0]
+    values8 = read_raster(s2.path).values[0]
     assert values8[0:4, 0:4].max() == 0 and values8[8:16, 0:8].min() == 1024
     # Without output.bv: skipped tiles are 0 and the map has no nodata value.
     s3 = serve([Source(src, 4, nodata=0)], norm_model(bands=3), tmp_path / "norm0.tif",
                fullyconv=True, efield=4, tile_size=4, quiet=True)
-    values0, _, _, nodata0, _ = read(s3.path)
+    values0, _, _, _, nodata0 = read_raster(s3.path)[:5]
     assert nodata0 is None and values0[0, 0:4, 0:4].max() == 0
 
 
@@ -330,7 +324,7 @@ def test_pixel_type_clamps_then_truncates_or_rounds(tmp_path):
     for pixel_type, rounding, expected in cases:
         s = serve([Source(src, 1)], model, tmp_path / "p.tif", pixel_type=pixel_type,
                   rounding=rounding, quiet=True)
-        values, _, _, _, dtype = read(s.path)
+        values, _, dtype = read_raster(s.path)[:3]
         assert dtype == pixel_type
         np.testing.assert_allclose(values[0, 0], np.array(expected, dtype=pixel_type))
 
@@ -342,7 +336,7 @@ def test_user_placeholders_are_fed_every_batch(tmp_path):
         s = serve([Source(src, 1)], scale_model(), tmp_path / "s.tif", "y", fullyconv=fc,
                   efield=1, user_placeholders={"scale": np.array([2.5], np.float32)},
                   tile_size=3, quiet=True)
-        np.testing.assert_allclose(read(s.path)[0], data * 2.5)
+        np.testing.assert_allclose(read_raster(s.path).values, data * 2.5)
 
 
 def test_creation_options_and_layout_of_the_file(seed, pair, tmp_path):
@@ -411,7 +405,7 @@ def test_a_tile_is_an_independent_picklable_task(tmp_path, pair):
     seed_model(seed=1).save(model_path)
     job = prepare_serve(sources_q1(p10, p20), model_path, "estimated", fullyconv=True,
                         tile_size=16)
-    full = read(job.run(tmp_path / "m.tif", quiet=True).path)[0]
+    full = read_raster(job.run(tmp_path / "m.tif", quiet=True).path).values
     runner = pickle.loads(pickle.dumps(job.runner))  # opens its own readers and engine
     for tile in (job.tiles[0], job.tiles[-1], job.tiles[4]):
         values = runner(tile)

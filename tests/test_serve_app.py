@@ -11,7 +11,6 @@ import sys
 
 import numpy as np
 import pytest
-import rasterio
 from affine import Affine
 
 from terrapatch.apps import TensorflowModelServe
@@ -20,8 +19,8 @@ from terrapatch.cli import main
 from terrapatch.errors import InputError
 from terrapatch.raster import Source
 from terrapatch.serve import serve
+from terrapatch.testing import assert_same_map, read_raster, write_raster
 from terrapatch.testing.models import seed_model
-from terrapatch.testing.rasters import write_raster
 
 L, T = 500000.0, 4000000.0
 
@@ -37,11 +36,6 @@ def files(tmp_path_factory):
     model = seed_model(seed=2)
     model.save(d / "seed.keras")
     return {"s10": s10, "s20": s20, "model": d / "seed.keras"}
-
-
-def _read(path):
-    with rasterio.open(path) as ds:
-        return ds.read(), ds.transform, ds.dtypes[0], ds.compression
 
 
 def _reference(files, tmp_path, box=None):
@@ -65,12 +59,10 @@ def test_pyotb_style_call_of_the_seed_script(files, tmp_path):
     summary = app.write(tmp_path / "map.tif", pixel_type="uint8",
                         ext_fname="box=2:3:10:12&gdal:co:COMPRESS=LZW")
     assert (summary.width, summary.height) == (10, 12)
-    values, transform, dtype, compression = _read(tmp_path / "map.tif")
-    ref_values, ref_transform = _read(ref.path)[:2]
-    assert dtype == "uint8" and compression.name.lower() == "lzw"
-    assert transform == ref_transform == Affine(20.0, 0.0, L + 80 + 40, 0.0, -20.0,
-                                                T - 80 - 60)
-    assert np.array_equal(values, ref_values)
+    got = read_raster(tmp_path / "map.tif")
+    assert got.dtype == "uint8" and got.profile["compress"].lower() == "lzw"
+    assert got.transform == Affine(20.0, 0.0, L + 80 + 40, 0.0, -20.0, T - 80 - 60)
+    assert_same_map(got, ref.path)
 
 
 def test_dict_keys_defaults_and_derived_geometry(files, tmp_path):
@@ -97,13 +89,13 @@ def test_cli_in_process_and_in_a_subprocess(files, tmp_path):
             "-output.names", "estimated_labels", "-optim.tilesizex", "16",
             "-out", str(tmp_path / "cli.tif"), "uint8"]
     assert main([*argv, "--quiet"]) == 0
-    assert np.array_equal(_read(tmp_path / "cli.tif")[0], _read(ref.path)[0])
+    assert_same_map(tmp_path / "cli.tif", ref.path)
 
     argv[-2] = str(tmp_path / "sub.tif")
     done = subprocess.run([sys.executable, "-m", "terrapatch.cli", *argv, "--quiet"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert np.array_equal(_read(tmp_path / "sub.tif")[0], _read(ref.path)[0])
+    assert_same_map(tmp_path / "sub.tif", ref.path)
 
     argv[argv.index("-output.names") + 1] = "nope"
     done = subprocess.run([sys.executable, "-m", "terrapatch.cli", *argv, "--quiet"],

@@ -32,8 +32,8 @@ from terrapatch.cli import main  # noqa: E402
 from terrapatch.errors import InputError, ModelError  # noqa: E402
 from terrapatch.raster import Source  # noqa: E402
 from terrapatch.serve import Normalization, prepare_serve, serve  # noqa: E402
+from terrapatch.testing import assert_same_map, read_raster, write_raster  # noqa: E402
 from terrapatch.testing.onnx_models import segmentation_onnx, unet_onnx  # noqa: E402
-from terrapatch.testing.rasters import write_raster  # noqa: E402
 
 L, T = 500000.0, 4000000.0
 TRANSFORM = Affine(10.0, 0.0, L, 0.0, -10.0, T)
@@ -61,11 +61,6 @@ def run_model(path: Path, image: np.ndarray, output: str | None = None) -> np.nd
 def normalise(raw: np.ndarray, scale: float = SCALE) -> np.ndarray:
     """What serving feeds the model: ``x · scale`` in float32 (Normalization(scale=))."""
     return raw.astype(np.float32) * np.float32(scale)
-
-
-def read_map(path: Path) -> tuple[np.ndarray, Affine, str]:
-    with rasterio.open(path) as ds:
-        return ds.read(), ds.transform, ds.dtypes[0]
 
 
 def assert_same_classes(got: np.ndarray, scores: np.ndarray) -> None:
@@ -198,7 +193,7 @@ def test_nchw_same_padded_model_equals_whole_image_model(data, tmp_path):
     assert summary.margin == (4, 4)  # 4 same-padded 3×3 convolutions
     assert summary.coverage == "full"
     assert summary.tiles == 5 * 5  # 300×280 in 64-px tiles: the halo is really cropped
-    got, transform, dtype = read_map(tmp_path / "scores.tif")
+    got, transform, dtype = read_raster(tmp_path / "scores.tif")[:3]
     assert got.shape == (4, HEIGHT, WIDTH) and dtype == "float32"
     assert transform == TRANSFORM
     np.testing.assert_allclose(got, data["scores"], rtol=0, atol=TOL)
@@ -206,7 +201,7 @@ def test_nchw_same_padded_model_equals_whole_image_model(data, tmp_path):
     summary = _serve(data, tmp_path / "classes.tif", tile_size=64, argmax=True,
                      pixel_type="uint8")
     assert summary.bands == 1
-    classes, transform, dtype = read_map(tmp_path / "classes.tif")
+    classes, transform, dtype = read_raster(tmp_path / "classes.tif")[:3]
     assert dtype == "uint8" and transform == TRANSFORM
     assert len(np.unique(classes)) > 1  # a meaningful comparison
     assert_same_classes(classes[0], data["scores"])
@@ -246,7 +241,7 @@ def test_same_padded_tiles_equal_whole_image_property(data, seg_models, layers, 
                         tile_size=(tx, ty), box=(x0, y0, w, h), argmax=argmax,
                         pixel_type="uint8" if argmax else "float32",
                         normalization=[Normalization(scale=SCALE)], quiet=True)
-        got, transform, _ = read_map(out)
+        got, transform, _ = read_raster(out)[:3]
     assert summary.margin == (layers, layers)
     assert transform == TRANSFORM @ Affine.translation(x0, y0)
     if argmax:
@@ -262,7 +257,7 @@ def test_without_margin_tile_edges_differ(data, tmp_path):
     tile = 64
     summary = _serve(data, tmp_path / "m0.tif", tile_size=tile, margin=0)
     assert summary.margin == (0, 0)
-    got, _, _ = read_map(tmp_path / "m0.tif")
+    got, _, _ = read_raster(tmp_path / "m0.tif")[:3]
     diff = np.abs(got - data["scores"]).max(axis=0)
     wrong = diff > TOL
     assert wrong.any() and diff.max() > 1e-2  # the margin matters
@@ -289,11 +284,11 @@ def test_nhwc_variant_gives_the_same_map(data, tmp_path):
     summary = _serve(data, tmp_path / "nhwc.tif", model="nhwc", tile_size=96)
     assert summary.model_layout == "nhwc"
     assert summary.margin == (4, 4) and summary.coverage == "full"
-    got, transform, _ = read_map(tmp_path / "nhwc.tif")
+    got, transform, _ = read_raster(tmp_path / "nhwc.tif")[:3]
     assert transform == TRANSFORM
     np.testing.assert_allclose(got, data["scores"], rtol=0, atol=TOL)
     _serve(data, tmp_path / "nchw.tif", tile_size=96)
-    nchw, _, _ = read_map(tmp_path / "nchw.tif")
+    nchw, _, _ = read_raster(tmp_path / "nchw.tif")[:3]
     np.testing.assert_allclose(got, nchw, rtol=0, atol=TOL)
 
 
@@ -307,7 +302,7 @@ def test_dynamic_channels_need_the_layout(data, tmp_path):
     assert_nothing_written(tmp_path)
     summary = _serve(data, out, model="dynamic", tile_size=96, model_layout="nchw")
     assert summary.model_layout == "nchw" and summary.margin == (4, 4)
-    got, _, _ = read_map(out)
+    got, _, _ = read_raster(out)[:3]
     np.testing.assert_allclose(got, data["scores"], rtol=0, atol=TOL)
 
 
@@ -320,7 +315,7 @@ def test_valid_model_inset_and_full_coverage(data, tmp_path):
     summary = _serve(data, tmp_path / "inset.tif", model="valid", tile_size=64)
     assert summary.coverage == "inset" and summary.margin == (0, 0)
     assert summary.model_layout == "nchw"
-    inset, transform, _ = read_map(tmp_path / "inset.tif")
+    inset, transform, _ = read_raster(tmp_path / "inset.tif")[:3]
     assert inset.shape == (4, HEIGHT - 2 * layers, WIDTH - 2 * layers)
     assert transform == TRANSFORM @ Affine.translation(layers, layers)
     np.testing.assert_allclose(inset, run_model(data["valid"], normalise(raw)), rtol=0,
@@ -329,7 +324,7 @@ def test_valid_model_inset_and_full_coverage(data, tmp_path):
     summary = _serve(data, tmp_path / "full.tif", model="valid", tile_size=64,
                      coverage="full", padding="reflect")
     assert summary.coverage == "full" and (summary.width, summary.height) == (WIDTH, HEIGHT)
-    full, transform, _ = read_map(tmp_path / "full.tif")
+    full, transform, _ = read_raster(tmp_path / "full.tif")[:3]
     assert full.shape == (4, HEIGHT, WIDTH) and transform == TRANSFORM
     np.testing.assert_allclose(full[:, layers:-layers, layers:-layers], inset, rtol=0,
                                atol=TOL)
@@ -347,7 +342,7 @@ def test_valid_model_full_coverage_constant_padding(data, tmp_path, value):
     summary = _serve(data, tmp_path / "full.tif", model="valid", tile_size=64,
                      coverage="full", padding=value)
     assert summary.coverage == "full"
-    full, transform, _ = read_map(tmp_path / "full.tif")
+    full, transform, _ = read_raster(tmp_path / "full.tif")[:3]
     assert full.shape == (4, HEIGHT, WIDTH) and transform == TRANSFORM
     inset = run_model(data["valid"], normalise(raw))
     np.testing.assert_allclose(full[:, layers:-layers, layers:-layers], inset, rtol=0,
@@ -366,7 +361,7 @@ def test_per_band_mean_std_normalisation(data, tmp_path):
     mean, std = [100.0, 120.0, 140.0], [50.0, 60.0, 70.0]
     norm = Normalization(scale=2.0, offset=-3.0, mean=mean, std=std)
     _serve(data, tmp_path / "map.tif", tile_size=128, normalization=[norm])
-    got, _, _ = read_map(tmp_path / "map.tif")
+    got, _, _ = read_raster(tmp_path / "map.tif")[:3]
     x = data["raw"].astype(np.float64) * 2.0 - 3.0
     x = (x - np.asarray(mean)[:, None, None]) / np.asarray(std)[:, None, None]
     np.testing.assert_allclose(got, run_model(data["nchw"], x.astype(np.float32)), rtol=0,
@@ -377,7 +372,7 @@ def test_threshold_marks_uncertain_pixels(data, tmp_path):
     threshold = 0.35  # about the median best score of this model: splits the pixels
     _serve(data, tmp_path / "map.tif", tile_size=128, argmax=True, threshold=threshold,
            below_threshold=200, pixel_type="uint8")
-    got, _, _ = read_map(tmp_path / "map.tif")
+    got, _, _ = read_raster(tmp_path / "map.tif")[:3]
     scores = data["scores"]
     best = scores.max(axis=0)
     sure = np.abs(best - threshold) > TOL
@@ -476,7 +471,7 @@ def test_global_context_model_with_explicit_margin_is_served(data, tmp_path):
     summary = _serve(data, tmp_path / "map.tif", model="input_mean", margin=2 * WIDTH,
                      tile_size=2 * WIDTH)
     assert summary.tiles == 1
-    got, _, _ = read_map(tmp_path / "map.tif")
+    got, _, _ = read_raster(tmp_path / "map.tif")[:3]
     expected = run_model(data["input_mean"], normalise(data["raw"]))
     np.testing.assert_allclose(got, expected, rtol=0, atol=TOL)
 
@@ -502,7 +497,7 @@ def _cli(data, out, **over):
 def test_cli_all_new_parameters(data, tmp_path, capsys):
     out = tmp_path / "classes.tif"
     assert main(_cli(data, out)) == 0, capsys.readouterr().err
-    got, transform, dtype = read_map(out)
+    got, transform, dtype = read_raster(out)[:3]
     assert dtype == "uint8" and got.shape == (1, HEIGHT, WIDTH) and transform == TRANSFORM
     scores = run_model(data["nchw"], normalise(data["raw"], 0.0039215686))
     best = scores.max(axis=0)
@@ -556,7 +551,7 @@ def test_virginia_rgb_stack_equals_whole_image_model(real_data, tmp_path):
                     quiet=True)
     assert summary.model_layout == "nchw" and summary.margin == (3, 3)
     assert summary.coverage == "full" and summary.tiles > 1
-    got, transform, _ = read_map(tmp_path / "map.tif")
+    got, transform, _ = read_raster(tmp_path / "map.tif")[:3]
     stack = []
     for p in paths:
         with rasterio.open(p) as ds:
@@ -580,10 +575,9 @@ def test_dask_workers_give_the_same_map(data, tmp_path):
     assert summary.margin == local.margin == (4, 4)
     assert summary.model_layout == "nchw" and summary.sink == "blocks"
     assert local.sink == "ordered"
-    a, ta, _ = read_map(tmp_path / "local.tif")
-    b, tb, _ = read_map(tmp_path / "dask.tif")
-    assert ta == tb == TRANSFORM
-    np.testing.assert_array_equal(a, b)
+    assert_same_map(tmp_path / "dask.tif", tmp_path / "local.tif")
+    b, tb, _ = read_raster(tmp_path / "dask.tif")[:3]
+    assert tb == TRANSFORM
     np.testing.assert_allclose(b, data["scores"], rtol=0, atol=TOL)
 
 
@@ -609,7 +603,7 @@ def test_unet_with_pooling_equals_whole_image_model(data, tmp_path, padding, til
     mode = "reflect" if padding == "reflect" else "constant"
     padded = np.pad(normalise(raw), ((0, 0), (0, 1), (0, 1)), mode=mode)
     expected = run_model(model, padded)[:, :277, :251]
-    got, transform, _ = read_map(tmp_path / "map.tif")
+    got, transform, _ = read_raster(tmp_path / "map.tif")[:3]
     assert got.shape == expected.shape and transform == TRANSFORM
     np.testing.assert_allclose(got, expected, rtol=0, atol=TOL)
 

@@ -166,8 +166,9 @@ def worker_paths(runner: TileRunner) -> dict[str, str]:
     paths = {p: f"{s.name}.il" for s in runner.sources for p in s.paths}
     if runner.model is not None:
         paths[runner.model] = "model.dir"
-        graph = savedmodel_graph(runner.model)
-        if graph is not None:
+        if os.path.isdir(runner.model):  # the graph must be there (named even when gone here)
+            graph = savedmodel_graph(runner.model) or os.path.join(runner.model,
+                                                                   "saved_model.pb")
             paths[os.fspath(graph)] = "model.dir"
     return paths
 

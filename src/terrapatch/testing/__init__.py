@@ -1,4 +1,15 @@
-"""Helpers for users' tests and ours: synthetic scenes, raster fixtures, hypothesis strategies.
+"""Helpers for users' tests and ours: synthetic scenes, raster fixtures, assertions, strategies.
+
+- :mod:`terrapatch.testing.scene` and :mod:`terrapatch.testing.rasters`: the synthetic
+  scene generator and tiny GeoTIFFs with explicit transforms (``make_scene``,
+  ``write_raster``, ``coordinate_raster``, ``mosaic_vrt``).
+- :mod:`terrapatch.testing.asserts`: assertions whose messages say what differs
+  (``assert_same_map``, ``assert_same_patches``, ``assert_same_values``,
+  ``assert_windows_equal``, ``assert_coordinate_patch``) and ``read_raster``.
+- :mod:`terrapatch.testing.strategies`: hypothesis strategies for random nested grids
+  (needs ``hypothesis``).
+- :mod:`terrapatch.testing.markers`: ``requires_*`` skip markers for optional
+  dependencies (needs ``pytest``).
 
 Heavy helpers (Keras model builders in :mod:`terrapatch.testing.models`) are
 imported on first use.
@@ -6,7 +17,30 @@ imported on first use.
 
 from __future__ import annotations
 
+from terrapatch.testing.asserts import (
+    Raster,
+    assert_coordinate_patch,
+    assert_same_map,
+    assert_same_patches,
+    assert_same_values,
+    assert_windows_equal,
+    read_raster,
+)
 from terrapatch.testing.rasters import coordinate_raster, mosaic_vrt, write_raster
 from terrapatch.testing.scene import CLASSES, Scene, make_scene
 
-__all__ = ["CLASSES", "Scene", "coordinate_raster", "make_scene", "mosaic_vrt", "write_raster"]
+__all__ = [
+    "CLASSES",
+    "Raster",
+    "Scene",
+    "assert_coordinate_patch",
+    "assert_same_map",
+    "assert_same_patches",
+    "assert_same_values",
+    "assert_windows_equal",
+    "coordinate_raster",
+    "make_scene",
+    "mosaic_vrt",
+    "read_raster",
+    "write_raster",
+]
