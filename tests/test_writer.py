@@ -8,16 +8,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from terrapatch.apps._extended import (
+    ExtendedFilename,
+    parse_extended_filename,
+    split_extended_path,
+)
 from terrapatch.errors import InputError, OutputError
 from terrapatch.writer import (
-    ExtendedFilename,
     atomic_output,
     check_writable,
     convert_pixels,
     geotiff_profile,
-    parse_extended_filename,
     pixel_dtype,
-    split_extended_path,
 )
 
 # ---------------------------------------------------------------- pixel types

@@ -355,6 +355,18 @@ class _StatsAccumulator:
                 "std": np.sqrt(self.m2 / self.count)}
 
 
+def _check_batch_size(batch_size: int, drop_remainder: bool, size: int) -> int:
+    """``batch_size`` as an int, or a one-line error (not positive, or no full batch)."""
+    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size <= 0:
+        raise InputError(f"batch_size: {batch_size!r} must be a positive integer")
+    if drop_remainder and int(batch_size) > size:
+        raise InputError(
+            f"batch_size: {int(batch_size)} is larger than the {size} samples and "
+            "drop_remainder=True: the dataset would be empty"
+        )
+    return int(batch_size)
+
+
 class DatasetFromPatchesImages:
     """A training dataset over patches images, fed to Keras through ``tf.data`` or numpy.
 
@@ -581,14 +593,7 @@ class DatasetFromPatchesImages:
         """
         import tensorflow as tf
 
-        if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size <= 0:
-            raise InputError(f"batch_size: {batch_size!r} must be a positive integer")
-        batch_size = int(batch_size)
-        if drop_remainder and batch_size > self.size:
-            raise InputError(
-                f"batch_size: {batch_size} is larger than the {self.size} samples and "
-                "drop_remainder=True: the dataset would be empty"
-            )
+        batch_size = _check_batch_size(batch_size, drop_remainder, self.size)
         spec: Any = {
             key: tf.TensorSpec(shape, tf.dtypes.as_dtype(self.reader.dtypes[key]))
             for key, shape in self.reader.patch_shapes.items()
@@ -664,14 +669,7 @@ class DatasetFromPatchesImages:
         from terrapatch._optional import import_keras
 
         keras = import_keras("get_keras_dataset: a Keras dataset of patches")
-        if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size <= 0:
-            raise InputError(f"batch_size: {batch_size!r} must be a positive integer")
-        batch_size = int(batch_size)
-        if drop_remainder and batch_size > self.size:
-            raise InputError(
-                f"batch_size: {batch_size} is larger than the {self.size} samples and "
-                "drop_remainder=True: the dataset would be empty"
-            )
+        batch_size = _check_batch_size(batch_size, drop_remainder, self.size)
         zeros = {key: np.zeros(shape, self.reader.dtypes[key])
                  for key, shape in self.reader.patch_shapes.items()}
         sample: Any = zeros

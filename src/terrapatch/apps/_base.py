@@ -17,14 +17,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from terrapatch.apps._extended import (
+    ExtendedFilename,
+    parse_extended_filename,
+    split_extended_path,
+)
 from terrapatch.errors import InputError, ParameterError
 from terrapatch.progress import configure_logging, logger
 from terrapatch.raster import Source
 from terrapatch.writer import (
-    ExtendedFilename,
-    parse_extended_filename,
     pixel_dtype,
-    split_extended_path,
 )
 
 _SOURCE_KEY = re.compile(r"^source(\d+)\.(.+)$")

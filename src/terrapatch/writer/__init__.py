@@ -29,12 +29,9 @@ from terrapatch.writer.formats import (
     DRIVERS,
     EXTENSIONS,
     RESAMPLINGS,
-    ExtendedFilename,
     MapFormat,
     default_overview_resampling,
     geotiff_profile,
-    parse_extended_filename,
-    split_extended_path,
 )
 from terrapatch.writer.legend import (
     LEGEND_DTYPES,
@@ -68,7 +65,6 @@ __all__ = [
     "OUTPUT_KINDS",
     "PIXEL_TYPES",
     "RESAMPLINGS",
-    "ExtendedFilename",
     "MapFormat",
     "Output",
     "PendingOutput",
@@ -93,10 +89,8 @@ __all__ = [
     "is_write_failure",
     "legend_sidecar",
     "output_group",
-    "parse_extended_filename",
     "pending_folder",
     "pixel_dtype",
     "read_category_names",
-    "split_extended_path",
     "vrt_members",
 ]
