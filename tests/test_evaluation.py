@@ -116,7 +116,7 @@ def test_hand_computed_from_arrays_and_rasters(pair) -> None:
 
 
 def test_streamed_in_strips_equals_whole(pair, monkeypatch) -> None:
-    monkeypatch.setattr(evaluation, "STRIP_PIXELS", 4)   # one row of 4 pixels per strip
+    monkeypatch.setattr(evaluation.compare, "STRIP_PIXELS", 4)   # one row of 4 pixels per strip
     check_hand(confusion_matrix(*pair, quiet=True))
 
 

@@ -288,7 +288,7 @@ def test_i5_source_order_gives_one_grid_and_windows(ratio, coarse_rf, unit, sx, 
 @given(width=st.integers(1, 300), height=st.integers(1, 300), data=st.data())
 def test_tiles_and_blocks_cover_the_box_once(width, height, data):
     """Tiles align on ef and cover the box once; blocks are rectangles of one tile row."""
-    from terrapatch.geometry import align_size, crop_box, plan_blocks, plan_tiles
+    from terrapatch.tiling import align_size, crop_box, plan_blocks, plan_tiles
 
     ex, ey = data.draw(st.integers(1, 5)), data.draw(st.integers(1, 5))
     x0, y0 = data.draw(st.integers(-20, width - 1)), data.draw(st.integers(-20, height - 1))
@@ -322,7 +322,7 @@ def test_tiles_and_blocks_cover_the_box_once(width, height, data):
 
 
 def test_crop_box_errors_and_warning_flag():
-    from terrapatch.geometry import crop_box
+    from terrapatch.tiling import crop_box
 
     assert crop_box(None, 10, 20) == ((0, 0, 10, 20), False)
     assert crop_box((-5, 2, 10, 100), 10, 20) == ((0, 2, 5, 18), True)
@@ -357,7 +357,7 @@ def test_spacing_ratios_use_the_one_tolerance():
 
 
 def test_plan_blocks_refuses_empty_blocks():
-    from terrapatch.geometry import plan_blocks
+    from terrapatch.tiling import plan_blocks
 
     with pytest.raises(InputError, match=r"block_tiles: 0 must be ≥ 1"):
         plan_blocks((), 0)

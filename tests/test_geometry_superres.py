@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from rasterio.windows import Window
 
 from terrapatch.errors import GeometryError, InputError
-from terrapatch.geometry import Layout, check_spcscale, format_scale, serving_steps
+from terrapatch.geometry import Layout, serving_steps
+from terrapatch.scales import check_spcscale, format_scale
 from terrapatch.testing.strategies import grid, nested_sources
 
 # ---------------------------------------------------------------- the scale parameter
@@ -52,7 +53,7 @@ def test_format_scale_round_trips():
 
 def test_extraction_keeps_integer_factors():
     g = grid(10.0, 50)
-    from terrapatch.geometry import check_factor
+    from terrapatch.scales import check_factor
 
     with pytest.raises(InputError, match=r"grid\.factor: 0\.5 is not a positive integer"):
         check_factor(0.5, "grid.factor")

@@ -8,12 +8,12 @@ import rasterio
 
 from terrapatch.engines import Engine, load_engine
 from terrapatch.errors import InputError
-from terrapatch.geometry import Tile
 from terrapatch.raster import Source
 from terrapatch.serve import serve
 from terrapatch.serve.execution import batches_of
 from terrapatch.testing import make_scene
 from terrapatch.testing.onnx_models import super_resolution_onnx
+from terrapatch.tiling import Tile
 
 
 class CountingEngine(Engine):

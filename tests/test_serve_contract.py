@@ -127,3 +127,30 @@ def test_a_model_without_a_contract_works_as_before(case, tmp_path):
                Source(scene.img_20m, 4, placeholder="input_20m", name="source2")]
     s = serve(sources, plain, tmp_path / "pb.tif", spcscale=2, quiet=True)
     assert not s.fullyconv and s.output_names == ("scores",)
+
+
+def test_classes_files_and_export_options_refuse_bad_input_in_one_line(tmp_path):
+    from terrapatch.cli.export import main as export
+    from terrapatch.serve.describe import read_classes
+
+    good = tmp_path / "classes.json"
+    good.write_text('{"0": ["water", "#0000ff"], "3": "urban"}')
+    assert [(c.value, c.name, c.color) for c in read_classes(good)] == [
+        (0, "water", "#0000ff"), (3, "urban", None)]
+    cases = {"rows.csv": ("value,name\nzero,water\n", r"'zero', 'water'.* is not value,name"),
+             "empty.csv": ("value,name,color\n", r"lists no class"),
+             "list.json": ("[1, 2]", r"must map class values to names"),
+             "broken.json": ("{", r"is not JSON")}
+    for name, (text, message) in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(InputError, match=rf"^classes: .*{name}.*{message}"):
+            read_classes(tmp_path / name)
+    model = tmp_path / "m.keras"
+    model.write_bytes(b"")
+    for argv, message in (
+            (["--source", "input_10m"], r"--source: 'input_10m' is not of the form"),
+            (["--source", "a=x.tif", "--nodata", "b=0"], r"--nodata: b is not a --source"),
+            (["--scale", "a=2"], r"--source: give the rasters")):
+        with pytest.raises(InputError, match=message):
+            export([str(model), "--onnx", str(tmp_path / "out.onnx"), *argv])
+    assert not (tmp_path / "out.onnx").exists()

@@ -2,7 +2,9 @@
 
 This module is the single source of truth for every window terrapatch reads.
 Extraction, patch-based serving and fully-convolutional serving all call it;
-none of them computes a window on its own (docs/geometry.md).
+none of them computes a window on its own (docs/geometry.md). Scales (``k`` or
+``1/k``) are parsed in :mod:`terrapatch.scales`; the served box is cut into tiles and
+blocks in :mod:`terrapatch.tiling`.
 
 Vocabulary
 ----------
@@ -53,6 +55,7 @@ from affine import Affine
 from rasterio.windows import Window
 
 from terrapatch.errors import CRSMismatchError, GeometryError, InputError
+from terrapatch.scales import MAX_SCALE_DENOMINATOR, check_spcscale, scale_value
 
 #: Tolerance, in pixels, under which a continuous index is snapped to the nearest integer
 #: before taking its floor. Guards exact-boundary cases against float64 round-off.
@@ -60,9 +63,6 @@ SNAP_TOLERANCE = 1e-6
 #: Output coverage: ``"inset"`` (OTBTF's: every receptive field inside every source) or
 #: ``"full"`` (every pixel of source 1's extent; windows padded past the edges).
 COVERAGES = ("inset", "full")
-#: Largest ``k`` of a super-resolution scale ``1/k``, and largest serving unit (in output
-#: pixels) searched for by :func:`serving_steps`.
-MAX_SCALE_DENOMINATOR = 64
 
 
 def floor_index(values: np.ndarray | float) -> np.ndarray:
@@ -528,10 +528,6 @@ class Layout:
         return t.c + k * t.a, t.f + l_ * t.e
 
 
-# ============================================================================ output tiling
-
-#: ``(col_off, row_off, width, height)`` in output-grid pixels.
-Box = tuple[int, int, int, int]
 
 
 def spacing_ratios(grids: Sequence[Grid], spacing: tuple[float, float]
@@ -650,216 +646,3 @@ def spcscale_hint(grids: Sequence[Grid]) -> str:
     if _is_integer(coarse) and round(coarse) > 1:
         return f"try output.spcscale={round(coarse)}"
     return "give output.spcscale so that every source spacing divides the output spacing"
-
-
-def check_factor(value: Any, parameter: str = "output.spcscale") -> int:
-    """Return a sampling-grid factor as an int; raise unless it is a positive integer."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        number = float("nan")
-    if isinstance(value, bool) or not number.is_integer() or number < 1:
-        raise InputError(
-            f"{parameter}: {value!r} is not a positive integer "
-            "(terrapatch keeps the sampling grid on source-1 grid lines)"
-        )
-    return int(number)
-
-
-def _scale_number(value: Any) -> float:
-    """``value`` as a float: a number, or a string such as ``"0.25"`` or ``"1/4"``."""
-    if isinstance(value, bool):
-        raise ValueError(value)
-    if isinstance(value, Fraction):
-        return float(value)
-    if isinstance(value, str) and "/" in value:
-        return float(Fraction(value.strip()))
-    return float(value)
-
-
-def _nearest_scales(number: float) -> str:
-    """The valid scales (``k`` or ``1/k``) on either side of an invalid positive number."""
-    if number >= 1:
-        below, above = math.floor(number), math.ceil(number)
-        return f"{below} or {above}"
-    k = 1 / number  # between two integers k0 < k < k0 + 1
-    k0 = min(math.floor(k), MAX_SCALE_DENOMINATOR)
-    candidates = [Fraction(1, k0 + 1), Fraction(1, k0)] if k0 >= 1 else [Fraction(1, 2)]
-    return " or ".join(format_scale(c) for c in candidates)
-
-
-def check_spcscale(value: Any, parameter: str = "output.spcscale") -> Fraction:
-    """Return a serving scale: an integer ``k ≥ 1`` or ``1/k`` (``2 ≤ k ≤ 64``), exactly.
-
-    Floats such as 0.25 or 0.333333 are recognised as ``1/k`` within a relative
-    1e-5 (six typed digits); ``"1/3"`` is accepted too.
-
-    Raises
-    ------
-    InputError
-        Naming ``parameter``, the value and the nearest valid scales otherwise.
-    """
-    try:
-        number = _scale_number(value)
-    except (TypeError, ValueError, ZeroDivisionError):
-        raise InputError(f"{parameter}: {value!r} is not a number (give an integer k, "
-                         "e.g. 2, or 1/k, e.g. 0.5 or 0.25)") from None
-    if not math.isfinite(number) or number <= 0:
-        raise InputError(f"{parameter}: {value!r} must be positive: an integer k (1, 2, …) "
-                         "or 1/k for super-resolution (0.5, 0.25, …)")
-    if number >= 1 - SNAP_TOLERANCE:
-        if _is_integer(number):
-            return Fraction(round(number))
-    else:
-        k = 1 / number  # 1/k typed with six digits (0.333333) is within 1e-5 of it
-        if abs(k - round(k)) <= 1e-5 * k and 2 <= round(k) <= MAX_SCALE_DENOMINATOR:
-            return Fraction(1, round(k))
-    raise InputError(
-        f"{parameter}: {value!r} is neither an integer k nor 1/k (the output grid must nest "
-        f"with source 1's); the nearest valid values are {_nearest_scales(number)}"
-    )
-
-
-def scale_value(scale: Fraction | int) -> int | Fraction:
-    """A checked scale as an ``int`` when whole (extraction, coarse serving), else a Fraction."""
-    fraction = Fraction(scale)
-    return int(fraction) if fraction.denominator == 1 else fraction
-
-
-def format_scale(scale: Fraction | int | float) -> str:
-    """A scale as users write it: ``2``, ``0.25``, ``0.333333`` (for 1/3)."""
-    fraction = Fraction(scale).limit_denominator(MAX_SCALE_DENOMINATOR)
-    if fraction.denominator == 1:
-        return str(fraction.numerator)
-    return f"{float(fraction):.6g}"
-
-
-def crop_box(box: Sequence[int] | None, width: int, height: int) -> tuple[Box, bool]:
-    """Crop a ``(startx, starty, sizex, sizey)`` box to a ``width × height`` grid.
-
-    Returns the cropped box and whether cropping changed it; None gives the whole
-    grid.
-
-    Raises
-    ------
-    InputError
-        If the box is malformed or has a non-positive size.
-    GeometryError
-        If the box does not overlap the grid.
-    """
-    if box is None:
-        return (0, 0, width, height), False
-    if len(box) != 4:
-        raise InputError(f"box: expected (startx, starty, sizex, sizey), got {box!r}")
-    bx, by, bw, bh = (int(v) for v in box)
-    if bw < 1 or bh < 1:
-        raise InputError(f"box: size {bw}×{bh} must be positive")
-    x0, y0 = max(bx, 0), max(by, 0)
-    x1, y1 = min(bx + bw, width), min(by + bh, height)
-    if x1 <= x0 or y1 <= y0:
-        raise GeometryError(
-            f"box={bx}:{by}:{bw}:{bh} does not overlap the output grid ({width}×{height} "
-            "pixels; box coordinates are output-grid pixel indices)"
-        )
-    cropped = (x0, y0, x1 - x0, y1 - y0)
-    return cropped, cropped != (bx, by, bw, bh)
-
-
-def align_size(size: tuple[int, int], efield: tuple[int, int]) -> tuple[int, int]:
-    """Enlarge a tile size to the next multiple of the expression field, per axis."""
-    return (-(-size[0] // efield[0]) * efield[0], -(-size[1] // efield[1]) * efield[1])
-
-
-@dataclass(frozen=True)
-class Tile:
-    """One unit of work: an aligned block of output pixels and the part of it to write.
-
-    Attributes
-    ----------
-    index
-        Position in the plan.
-    window
-        ``(col_off, row_off, width, height)`` computed, in output-grid pixels; aligned
-        on the expression field.
-    target
-        ``(col_off, row_off, width, height)`` written (inside ``window`` and the box).
-    """
-
-    index: int
-    window: Box
-    target: Box
-
-
-def plan_tiles(width: int, height: int, box: Box, tile_size: tuple[int, int],
-               efield: tuple[int, int], margin: tuple[int, int] = (0, 0),
-               computed: tuple[int, int] | None = None) -> tuple[Tile, ...]:
-    """Cut ``box`` of a ``width × height`` output grid into tiles aligned on ``efield``.
-
-    The tile grid is anchored at the box origin (rounded down to the expression
-    field), so tiles match the blocks of the written file; each tile's window is its
-    target enlarged by ``margin`` output pixels on every side (the halo of a
-    same-padded model, computed and cropped away), then to the expression field,
-    and cropped to the computable extent ``computed`` (default: the grid). Tiles are
-    in row-major order.
-    """
-    bx, by, bw, bh = box
-    tx, ty = tile_size
-    ex, ey = efield
-    mx, my = margin
-    cw, ch = computed or (width, height)
-    ax, ay = bx - bx % ex, by - by % ey
-    tiles: list[Tile] = []
-    for y0 in range(ay, by + bh, ty):
-        for x0 in range(ax, bx + bw, tx):
-            tcx0, tcy0 = max(x0, bx), max(y0, by)
-            tcx1, tcy1 = min(x0 + tx, bx + bw), min(y0 + ty, by + bh)
-            if tcx1 <= tcx0 or tcy1 <= tcy0:
-                continue
-            wx0, wy0 = max(0, tcx0 - mx), max(0, tcy0 - my)
-            wx0, wy0 = wx0 - wx0 % ex, wy0 - wy0 % ey
-            wx1 = min(cw, -(-(tcx1 + mx) // ex) * ex)
-            wy1 = min(ch, -(-(tcy1 + my) // ey) * ey)
-            tiles.append(Tile(len(tiles), (wx0, wy0, wx1 - wx0, wy1 - wy0),
-                              (tcx0, tcy0, tcx1 - tcx0, tcy1 - tcy0)))
-    return tuple(tiles)
-
-
-@dataclass(frozen=True)
-class Block:
-    """Consecutive tiles of one tile row: one task on a cluster, one file of a block sink.
-
-    Attributes
-    ----------
-    index
-        Position in the plan.
-    tiles
-        The tiles, left to right.
-    """
-
-    index: int
-    tiles: tuple[Tile, ...]
-
-    @property
-    def target(self) -> Box:
-        """``(col_off, row_off, width, height)`` covered by the tiles' targets."""
-        first, last = self.tiles[0].target, self.tiles[-1].target
-        return (first[0], first[1], last[0] + last[2] - first[0], first[3])
-
-
-def plan_blocks(tiles: Sequence[Tile], block_tiles: int) -> tuple[Block, ...]:
-    """Group a row-major tile plan into blocks of at most ``block_tiles`` tiles of one row.
-
-    A block never spans two tile rows, so its targets form one rectangle.
-    """
-    if block_tiles < 1:
-        raise InputError(f"block_tiles: {block_tiles!r} must be ≥ 1")
-    blocks: list[Block] = []
-    current: list[Tile] = []
-    for tile in tiles:
-        if current and (tile.target[1] != current[0].target[1] or len(current) == block_tiles):
-            blocks.append(Block(len(blocks), tuple(current)))
-            current = []
-        current.append(tile)
-    if current:
-        blocks.append(Block(len(blocks), tuple(current)))
-    return tuple(blocks)

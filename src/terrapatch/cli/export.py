@@ -79,12 +79,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     sources = list(_keyed(args.source, "--source").items())
     options = {name: _keyed(getattr(args, name), f"--{name}")
                for name in ("rfield", "nodata", "bands", "scale")}
+    if not sources and any(options.values()):
+        raise InputError("--source: give the rasters the model serves on to record a contract")
     for name, values in options.items():
         unknown = sorted(set(values) - {p for p, _ in sources})
         if unknown:
             raise InputError(f"--{name}: {', '.join(unknown)} is not a --source placeholder")
-    if not sources and any(options.values()):
-        raise InputError("--source: give the rasters the model serves on to record a contract")
     written = export_model(args.model, savedmodel=args.savedmodel, onnx=args.onnx,
                            opset=args.opset)
     for kind, path in written.items():

@@ -19,10 +19,10 @@ from terrapatch.errors import (
     ModelError,
 )
 from terrapatch.extraction import ExtractionSummary, extract_patches
-from terrapatch.geometry import check_factor
 from terrapatch.patches import read_patches, read_patches_info
 from terrapatch.progress import logger
 from terrapatch.raster import Source, check_sources
+from terrapatch.scales import check_factor
 from terrapatch.serve import derive_geometry
 from terrapatch.serve.binding import resolve_inputs, resolve_outputs
 from terrapatch.serve.layouts import detect_layout, with_layout

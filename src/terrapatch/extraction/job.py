@@ -30,9 +30,10 @@ from terrapatch.extraction.reading import (
 )
 from terrapatch.extraction.shards import extract_shards, shard_folder
 from terrapatch.extraction.writing import Writing, write_outputs
-from terrapatch.geometry import Layout, check_factor, extraction_factor, misalignments
+from terrapatch.geometry import Layout, extraction_factor, misalignments
 from terrapatch.progress import logger
 from terrapatch.raster import Source
+from terrapatch.scales import check_factor
 from terrapatch.vector import PointSet, read_points, write_points
 from terrapatch.writer import (
     Output,

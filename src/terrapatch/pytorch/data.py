@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from terrapatch.dataset import PatchesImagesReader
 from terrapatch.errors import InputError
+from terrapatch.patches_reader import PatchesImagesReader
 from terrapatch.pytorch.interface import numpy_dtype
 
 __all__ = ["PatchesDataset"]

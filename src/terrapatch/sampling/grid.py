@@ -21,7 +21,7 @@ import numpy as np
 
 from terrapatch._params import size_pair
 from terrapatch.errors import InputError, NoSamplesError
-from terrapatch.geometry import Layout, check_factor
+from terrapatch.geometry import Layout
 from terrapatch.progress import logger, progress_bar
 from terrapatch.raster import PathLike
 from terrapatch.sampling._balance import balanced_subset, class_index
@@ -38,6 +38,7 @@ from terrapatch.sampling._rasters import (
     strip_window,
 )
 from terrapatch.sampling.samples import PatchSelection, Samples
+from terrapatch.scales import check_factor
 
 #: PatchesSelection strategies.
 PATCH_STRATEGIES = ("chessboard", "split", "all", "balanced")

@@ -36,7 +36,6 @@ and its locked pending folder (:class:`~terrapatch.writer.PendingOutput`), which
 output can use.
 """
 
-from terrapatch.geometry import Block, Tile, plan_blocks, plan_tiles
 from terrapatch.serve.api import serve
 from terrapatch.serve.caches import cached_engine
 from terrapatch.serve.distributed import BlockResult, serve_block, write_block
@@ -54,6 +53,7 @@ from terrapatch.serve.plan import (
 from terrapatch.serve.probe import ModelGeometry, derive_geometry, measure_halo
 from terrapatch.serve.runner import ServeStats, TileRunner
 from terrapatch.serve.transforms import Argmax, Normalization
+from terrapatch.tiling import Block, Tile, plan_blocks, plan_tiles
 from terrapatch.writer import MapFormat
 
 __all__ = [

@@ -47,21 +47,15 @@ def serve(
 
     Parameters
     ----------
-    sources
-        :class:`~terrapatch.raster.Source` objects, source 1 first: their
-        ``patch_size`` is the receptive field (None: derived from the model),
-        ``placeholder`` the model input they feed (None: the free inputs in
-        alphabetical order), ``nodata`` their no-data value.
-    model
-        SavedModel directory, ``.keras`` file, ``.onnx`` file, in-memory
-        :class:`keras.Model` or :class:`~terrapatch.engines.Engine`.
+    sources, model
+        As for :func:`~terrapatch.serve.prepare_serve`: the sources, source 1 first, and
+        the model (a path, an in-memory Keras model or ``nn.Module``, or an engine).
     out
         Output path: a GeoTIFF (``.tif``), or a VRT mosaic of block files (``.vrt``,
         its blocks kept in the folder ``<stem>.blocks`` beside it). Written in a
         pending folder beside it and moved there when complete.
     output_names
-        Model outputs to write, stacked as bands in this order (signature keys or
-        Keras layer names); default: the first output in alphabetical order.
+        Model outputs written, stacked as bands (see :func:`prepare_serve`).
     pixel_type
         Output pixel type (``uint8``, ``int16``, ``float32``, ...): values are clamped to
         the type's range, then truncated (rounded when ``rounding``).

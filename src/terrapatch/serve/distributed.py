@@ -1,6 +1,6 @@
 """Serving on a Dask cluster: blocks of tiles as tasks, written by the workers or sent back.
 
-A task is one :class:`~terrapatch.geometry.Block`. With the block sink (the
+A task is one :class:`~terrapatch.tiling.Block`. With the block sink (the
 default), :func:`write_block` reads the block's inputs, runs the model (loaded
 once per worker process) and writes the block file itself into the output's
 pending folder: the client receives a :class:`BlockStatus` of a few hundred bytes
@@ -24,13 +24,13 @@ import numpy as np
 from terrapatch import cluster
 from terrapatch.engines import savedmodel_graph
 from terrapatch.errors import InputError, ModelError, OutputError
-from terrapatch.geometry import Block, Tile
 from terrapatch.raster import is_remote
 from terrapatch.serve.caches import cached_engine, checkin_readers, checkout_readers, worker_name
 from terrapatch.serve.journal import BlockStatus
 from terrapatch.serve.pipeline import run_pipeline
 from terrapatch.serve.runner import ServeStats, TileRunner
 from terrapatch.serve.sinks import BlockStore
+from terrapatch.tiling import Block, Tile
 from terrapatch.writer import convert_pixels, count_unfit
 
 __all__ = [

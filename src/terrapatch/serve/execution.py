@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 
 from terrapatch import cluster
-from terrapatch.geometry import Block, Tile, plan_blocks
 from terrapatch.progress import logger, progress_bar
 from terrapatch.raster import SourceReader
 from terrapatch.serve import distributed
@@ -37,6 +36,7 @@ from terrapatch.serve.sinks import (
     write_vrt,
 )
 from terrapatch.serve.tilecopy import copy_tiles
+from terrapatch.tiling import Block, Tile, plan_blocks
 from terrapatch.writer import (
     LEGEND_DTYPES,
     LEGEND_SIDECARS,

@@ -33,12 +33,7 @@ import terrapatch
 from terrapatch import cluster
 from terrapatch.engines import Engine
 from terrapatch.errors import InputError
-from terrapatch.geometry import (
-    Box,
-    Grid,
-    Layout,
-    Tile,
-)
+from terrapatch.geometry import Grid, Layout
 from terrapatch.progress import logger
 from terrapatch.raster import Source, is_remote
 from terrapatch.serve import distributed
@@ -49,6 +44,7 @@ from terrapatch.serve.probe import (
 )
 from terrapatch.serve.recorded import Recorded
 from terrapatch.serve.runner import ServeStats, TileRunner
+from terrapatch.tiling import Box, Tile
 from terrapatch.writer import (
     LEGEND_DTYPES,
     MapFormat,

@@ -22,20 +22,10 @@ import numpy as np
 from terrapatch._params import optional_pair
 from terrapatch.engines import Engine, check_device, load_engine
 from terrapatch.errors import InputError, ModelError
-from terrapatch.geometry import (
-    COVERAGES,
-    Layout,
-    ServingSteps,
-    align_size,
-    check_spcscale,
-    crop_box,
-    misalignments,
-    plan_tiles,
-    scale_value,
-    serving_steps,
-)
+from terrapatch.geometry import COVERAGES, Layout, ServingSteps, misalignments, serving_steps
 from terrapatch.progress import logger
 from terrapatch.raster import Source, check_sources
+from terrapatch.scales import check_spcscale, scale_value
 from terrapatch.serve.binding import resolve_inputs, resolve_outputs
 from terrapatch.serve.job import ServeJob
 from terrapatch.serve.layouts import detect_layout, layout_known, with_layout
@@ -51,6 +41,7 @@ from terrapatch.serve.probe import (
 from terrapatch.serve.recorded import recorded_for
 from terrapatch.serve.runner import TileRunner
 from terrapatch.serve.transforms import Argmax, Normalization, check_normalizations
+from terrapatch.tiling import align_size, crop_box, plan_tiles
 
 __all__ = [
     "DEFAULT_TILE_FCN",
@@ -142,8 +133,9 @@ def prepare_serve(
         ``placeholder`` the model input they feed (None: the free inputs in
         alphabetical order), ``nodata`` their no-data value.
     model
-        SavedModel directory, ``.keras`` file, ``.onnx`` file, in-memory
-        :class:`keras.Model` or :class:`~terrapatch.engines.Engine`.
+        SavedModel directory, ``.keras``, ``.onnx``, ``.pt2`` (torch.export) or ``.pt``
+        (TorchScript) file, in-memory :class:`keras.Model` or ``torch.nn.Module``, or an
+        :class:`~terrapatch.engines.Engine`.
     output_names
         Model outputs to write, stacked as bands in this order (signature keys or
         Keras layer names); default: the first output in alphabetical order.

@@ -21,15 +21,9 @@ import numpy as np
 
 from terrapatch.engines import Engine, ModelRunError
 from terrapatch.errors import ModelError
-from terrapatch.geometry import (
-    Grid,
-    Layout,
-    ServingSteps,
-    format_scale,
-    serving_steps,
-    spcscale_hint,
-)
+from terrapatch.geometry import Grid, Layout, ServingSteps, serving_steps, spcscale_hint
 from terrapatch.raster import Source
+from terrapatch.scales import format_scale
 
 __all__ = [
     "ModelGeometry",

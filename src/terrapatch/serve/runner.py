@@ -21,10 +21,11 @@ import numpy as np
 
 from terrapatch.engines import Engine, load_engine
 from terrapatch.errors import ModelError
-from terrapatch.geometry import Layout, Tile
+from terrapatch.geometry import Layout
 from terrapatch.raster import Source, SourceReader, nodata_mask, patches_from_region
 from terrapatch.serve.layouts import with_layout
 from terrapatch.serve.transforms import Argmax, normalize
+from terrapatch.tiling import Tile
 
 __all__ = ["ServeStats", "TileRunner", "all_nodata"]
 

@@ -33,8 +33,8 @@ import rasterio.shutil
 from affine import Affine
 from rasterio.windows import Window
 
-from terrapatch.geometry import Block, Box, Tile
 from terrapatch.serve.journal import BlockStatus
+from terrapatch.tiling import Block, Box, Tile
 from terrapatch.writer import MapFormat
 
 __all__ = [

@@ -24,7 +24,7 @@ from typing import Any
 
 import rasterio
 
-from terrapatch.geometry import Block, Box
+from terrapatch.tiling import Block, Box
 
 __all__ = ["can_copy_tiles", "copy_tiles"]
 
