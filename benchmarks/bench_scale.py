@@ -81,8 +81,8 @@ def cluster_runs(srcs: list[Source], model: Path, work: Path, reference: Path
     """Serve on a LocalCluster (2 × 1) with each sink; per-block bytes to the client."""
     import distributed
 
-    from terrapatch.geometry import plan_blocks
     from terrapatch.serve.sinks import BlockStore
+    from terrapatch.tiling import plan_blocks
 
     out: dict[str, Any] = {}
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
