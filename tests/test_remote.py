@@ -283,12 +283,12 @@ def test_unreachable_url_is_one_line_naming_parameter_and_url():
     with pytest.raises(InputError) as info:
         _ = Source(url, 8, name="source2").grid
     message = str(info.value)
-    assert message.startswith("source2.il: ") and url in message
+    assert message.startswith("source2: ") and url in message
     assert "\n" not in message and "/vsicurl/" not in message
 
 
 def test_missing_file_on_the_server(base):
-    with pytest.raises(InputError, match=r"source1.il: cannot read 'http://.*/nope.tif'.*404"):
+    with pytest.raises(InputError, match=r"source1: cannot read 'http://.*/nope.tif'.*404"):
         _ = Source(f"{base}/nope.tif").grid
 
 
@@ -296,7 +296,7 @@ def test_missing_asset_key_lists_available_keys(items, base):
     with pytest.raises(InputError) as info:
         Source(f"{base}/item.json#B04,B99", name="source3")
     message = str(info.value)
-    assert message.startswith("source3.il: ") and "'B99'" in message
+    assert message.startswith("source3: ") and "'B99'" in message
     assert "available assets: B02, B03, B04, B08, S20" in message
     with pytest.raises(InputError, match="no STAC asset key"):
         Source(f"{base}/item.json#")
@@ -305,10 +305,10 @@ def test_missing_asset_key_lists_available_keys(items, base):
 
 
 def test_missing_or_unreachable_item(tmp_path, base):
-    with pytest.raises(MissingInputError, match=r"source1.il: STAC item .*none.json"):
+    with pytest.raises(MissingInputError, match=r"source1: STAC item .*none.json"):
         Source(f"{tmp_path}/none.json#B04")
     port = free_port()
-    with pytest.raises(InputError, match=rf"source1.il: cannot read STAC item "
+    with pytest.raises(InputError, match=rf"source1: cannot read STAC item "
                                          rf"'http://127.0.0.1:{port}/item.json'"):
         Source(f"http://127.0.0.1:{port}/item.json#B04")
     with pytest.raises(InputError, match=r"HTTP 404"):
@@ -324,9 +324,9 @@ def test_assets_on_different_grids_cannot_be_stacked(items, base):
     with pytest.raises(GeometryError) as info:
         _ = source.grid
     message = str(info.value)
-    assert message.startswith("source1.il: asset 'S20' (20 m, 80×80 px) is not on the grid "
+    assert message.startswith("source1: asset 'S20' (20 m, 80×80 px) is not on the grid "
                               "of asset 'B04' (10 m, 160×160 px)"), message
-    assert f"source1.il '{url}#B04,B02' and source2.il '{url}#S20'" in message
+    assert f"source1.paths '{url}#B04,B02' and source2.paths '{url}#S20'" in message
 
 
 def test_cli_bad_url_exits_2_with_one_line(tmp_path, capsys):

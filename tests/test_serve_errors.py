@@ -75,7 +75,7 @@ CASES = {
                               r"source1.il: patch size / receptive field 40×40 is larger "
                               r"than the image \(32×32\)"),
     "no overlap": ({"source1.il": "{far20}"}, r"no output pixel has its full receptive field"),
-    "crs mismatch": ({"source1.il": "{utm32}"}, r"CRS EPSG:32631 differs from source1.il CRS "
+    "crs mismatch": ({"source1.il": "{utm32}"}, r"CRS EPSG:32631 differs from source1 CRS "
                                                 r"EPSG:32632"),
     "inconsistent geometry": ({"source1.rfieldx": "9"},
                               r"inconsistent geometry \(source1.rfieldx/y=9/9, .*\): for a "

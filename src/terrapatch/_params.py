@@ -24,8 +24,9 @@ def size_pair(value: Any, parameter: str | tuple[str, str], minimum: int | None 
     value
         An integer (used for both axes) or a sequence of two integers.
     parameter
-        Name in errors; a pair of names (e.g. ``("patch_size_x", "patch_size_y")``)
-        names the axis that is out of range.
+        Neutral identifier in errors (``tile_size``). When a pair is given, an axis out
+        of range is named ``tile_size[0]`` or ``tile_size[1]``; a pair of names names
+        the axes explicitly.
     minimum
         Smallest value allowed (None: any integer).
 
@@ -35,23 +36,25 @@ def size_pair(value: Any, parameter: str | tuple[str, str], minimum: int | None 
         One line naming the parameter and the value.
     """
     keys = (parameter, parameter) if isinstance(parameter, str) else parameter
+    if isinstance(parameter, str) and not isinstance(value, int | np.integer):
+        keys = (f"{parameter}[0]", f"{parameter}[1]")
     if isinstance(value, bool):
-        raise InputError(f"{keys[0]}: {value!r} is not an integer or an (x, y) pair")
+        raise InputError(f"{_name(parameter)}: {value!r} is not an integer or an (x, y) pair")
     if isinstance(value, int | np.integer):
         pair = (int(value), int(value))
     else:
         try:
             items = tuple(value)
         except TypeError:
-            raise InputError(f"{keys[0]}: {value!r} is not an integer or an (x, y) pair") \
-                from None
+            raise InputError(f"{_name(parameter)}: {value!r} is not an integer or an (x, y) "
+                             "pair") from None
         if len(items) != 2:
-            raise InputError(f"{keys[0]}: expected one integer or (x, y), got {value!r}")
+            raise InputError(f"{_name(parameter)}: expected one integer or (x, y), got {value!r}")
         try:
             pair = (_integer(items[0]), _integer(items[1]))
         except (TypeError, ValueError):
-            raise InputError(f"{keys[0]}: {value!r} is not an integer or an (x, y) pair") \
-                from None
+            raise InputError(f"{_name(parameter)}: {value!r} is not an integer or an (x, y) "
+                             "pair") from None
     if minimum is not None:
         for key, size in zip(keys, pair, strict=True):
             if size < minimum:
@@ -63,6 +66,11 @@ def optional_pair(value: Any, parameter: str | tuple[str, str], minimum: int | N
                   ) -> tuple[int, int] | None:
     """:func:`size_pair`, or None when ``value`` is None (the default applies)."""
     return None if value is None else size_pair(value, parameter, minimum)
+
+
+def _name(parameter: str | tuple[str, str]) -> str:
+    """How an error about the whole pair names it."""
+    return parameter if isinstance(parameter, str) else parameter[0]
 
 
 def _integer(value: Any) -> int:

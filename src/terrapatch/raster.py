@@ -165,10 +165,8 @@ class Source:
     placeholder
         Name of the model input fed with this source (serving).
     name
-        Label used in error messages, e.g. ``"source1"``.
-    size_keys
-        Parameter names of the x and y sizes in error messages (``rfieldx``, ``rfieldy``
-        when serving).
+        The source's neutral identifier in error messages (``"source1"``; its patch size
+        is ``source1.patch_size``), which a facade respells (:mod:`terrapatch.spelling`).
 
     Attributes
     ----------
@@ -191,7 +189,6 @@ class Source:
         nodata: float | None = None,
         placeholder: str | None = None,
         name: str = "source1",
-        size_keys: tuple[str, str] = ("patchsizex", "patchsizey"),
     ) -> None:
         if isinstance(path_or_paths, str | os.PathLike):
             given: tuple[str, ...] = (os.fspath(path_or_paths),)
@@ -207,17 +204,16 @@ class Source:
                 continue
             from terrapatch import stac
 
-            for asset in stac.resolve_assets(spec[0], spec[1], parameter=f"{name}.il"):
+            for asset in stac.resolve_assets(spec[0], spec[1], parameter=name):
                 paths.append(_resolve(asset.path))
                 self._assets[paths[-1]] = asset
         if not paths:
-            raise InputError(f"{name}.il: no image given")
+            raise InputError(f"{name}: no image given")
         self.paths = tuple(paths)
         if any(is_remote(p) for p in self.paths):
             configure_remote_reads()
         self.name = name
-        self.patch_size = optional_pair(patch_size, (f"{name}.{size_keys[0]}",
-                                                     f"{name}.{size_keys[1]}"))
+        self.patch_size = optional_pair(patch_size, f"{name}.patch_size")
         self.nodata = None if nodata is None else float(nodata)
         self.placeholder = placeholder
 
@@ -230,7 +226,6 @@ class Source:
         nodata: float | None = None,
         placeholder: str | None = None,
         name: str = "source1",
-        size_keys: tuple[str, str] = ("patchsizex", "patchsizey"),
     ) -> Source:
         """A source stacking assets of a STAC Item as bands, in the order of ``assets``.
 
@@ -241,7 +236,7 @@ class Source:
             hrefs are resolved against the Item's own location.
         assets
             Asset keys, a list or one comma-separated string (``"B04,B03,B02"``).
-        patch_size, nodata, placeholder, name, size_keys
+        patch_size, nodata, placeholder, name
             As for :class:`Source`.
 
         Returns
@@ -258,9 +253,9 @@ class Source:
         from terrapatch import stac
 
         keys = stac.split_keys(assets) if isinstance(assets, str) else list(assets)
-        resolved = stac.resolve_assets(item, keys, parameter=f"{name}.il")
+        resolved = stac.resolve_assets(item, keys, parameter=name)
         source = cls([a.path for a in resolved], patch_size=patch_size, nodata=nodata,
-                     placeholder=placeholder, name=name, size_keys=size_keys)
+                     placeholder=placeholder, name=name)
         for path, asset in zip(source.paths, resolved, strict=True):
             source._assets[path] = asset
         return source
@@ -278,11 +273,11 @@ class Source:
         """The one-line error for a raster that cannot be opened."""
         what = self.describe(path)
         if is_remote(path):
-            return InputError(f"{self.name}.il: cannot read {what} ({_one_line(exc)})")
+            return InputError(f"{self.name}: cannot read {what} ({_one_line(exc)})")
         hint = ""
         if path.lower().endswith(".json"):
             hint = "; for a STAC Item, give asset keys: 'item.json#KEY1,KEY2'"
-        return InputError(f"{self.name}.il: {what} is not a readable raster "
+        return InputError(f"{self.name}: {what} is not a readable raster "
                           f"({_one_line(exc)}){hint}")
 
     @cached_property
@@ -290,7 +285,7 @@ class Source:
         infos = []
         for path in self.paths:
             if not is_remote(path) and not Path(path).exists():
-                raise MissingInputError(f"{self.name}.il: file {path!r} does not exist")
+                raise MissingInputError(f"{self.name}: file {path!r} does not exist")
             if is_remote(path):
                 configure_remote_reads()
             try:
@@ -301,10 +296,10 @@ class Source:
                 raise self._open_error(path, exc) from None
             if transform.is_identity and crs is None:
                 raise GeometryError(
-                    f"{self.name}.il: {self.describe(path)} has no georeference; terrapatch "
+                    f"{self.name}: {self.describe(path)} has no georeference; terrapatch "
                     "needs north-up georeferenced rasters"
                 )
-            grid = Grid(transform, width, height, crs, f"{self.name}.il ({shown_path(path)})")
+            grid = Grid(transform, width, height, crs, f"{self.name} ({shown_path(path)})")
             infos.append(_FileInfo(grid, count, np.result_type(*dtypes)))
         first = infos[0].grid
         for path, info in zip(self.paths[1:], infos[1:], strict=True):
@@ -318,12 +313,12 @@ class Source:
                 raise GeometryError(self._stac_grid_message(path, first, g, same))
             if not same_size:
                 raise GeometryError(
-                    f"{self.name}.il: {self.describe(path)} is {g.width}×{g.height} pixels "
+                    f"{self.name}: {self.describe(path)} is {g.width}×{g.height} pixels "
                     f"but {self.describe(self.paths[0])} is {first.width}×{first.height}; "
                     "images stacked in one source must share their grid"
                 )
             raise GeometryError(
-                f"{self.name}.il: {self.describe(path)} is not on the grid of "
+                f"{self.name}: {self.describe(path)} is not on the grid of "
                 f"{self.describe(self.paths[0])} (different origin, spacing or CRS); images "
                 "stacked in one source must share their grid"
             )
@@ -336,18 +331,18 @@ class Source:
         asset, ref = self._assets[path], self._assets[self.paths[0]]
         item = ref.item if ref.item == asset.item else "ITEM"
         return (
-            f"{self.name}.il: asset {asset.key!r} ({size(other)}) is not on the grid of asset "
+            f"{self.name}: asset {asset.key!r} ({size(other)}) is not on the grid of asset "
             f"{ref.key!r} ({size(first)}) of STAC item {item!r}; assets stacked in one "
             "source must share their grid (size, origin, spacing, CRS): give each grid its "
-            f"own source, e.g. source1.il '{item}#{','.join(same)}' and "
-            f"source2.il '{item}#{asset.key}'"
+            f"own source, e.g. source1.paths '{item}#{','.join(same)}' and "
+            f"source2.paths '{item}#{asset.key}'"
         )
 
     @cached_property
     def grid(self) -> Grid:
         """Grid of the stacked source (the first image's)."""
         first = self._files[0].grid
-        return Grid(first.transform, first.width, first.height, first.crs, f"{self.name}.il")
+        return Grid(first.transform, first.width, first.height, first.crs, f"{self.name}")
 
     @property
     def bands(self) -> int:
@@ -395,7 +390,7 @@ def check_sources(sources: Sequence[Source]) -> list[Source]:
     """The sources as a list, or an input error: none given, or not :class:`Source` objects."""
     items = list(sources)
     if not items:
-        raise InputError("source1.il: at least one source is required")
+        raise InputError("source1: at least one source is required")
     for s in items:
         if not isinstance(s, Source):
             raise InputError(f"sources: expected terrapatch.Source objects, got {type(s).__name__}")
@@ -420,7 +415,7 @@ class SourceReader:
                 self._datasets.append(rasterio.open(path))
         except RasterioIOError as exc:
             self.close()
-            raise InputError(f"{source.name}.il: cannot open {source.describe(path)} "
+            raise InputError(f"{source.name}: cannot open {source.describe(path)} "
                              f"({_one_line(exc)})") from None
         except BaseException:
             self.close()
@@ -452,7 +447,7 @@ class SourceReader:
                 ds.read(window=window, out=out[b:b + ds.count])
             except RasterioIOError as exc:
                 raise InputError(
-                    f"{self.source.name}.il: cannot read {window!r} of "
+                    f"{self.source.name}: cannot read {window!r} of "
                     f"{self.source.describe(path)} ({_one_line(exc)})"
                 ) from None
             b += ds.count
@@ -468,7 +463,7 @@ class SourceReader:
                  c0 + int(window.width) - ic - int(inner.width))
         if int(inner.width) == 0:
             if pad == "reflect":
-                raise GeometryError(f"{self.source.name}.il: window {window!r} lies outside "
+                raise GeometryError(f"{self.source.name}: window {window!r} lies outside "
                                     "the raster: nothing to reflect")
             shape = ((int(window.height), int(window.width), self.bands)
                      if interleave == "pixel" else

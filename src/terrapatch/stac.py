@@ -56,7 +56,7 @@ class StacAsset:
         return f"asset {self.key!r} of STAC item {self.item!r}"
 
 
-def split_keys(text: str, parameter: str = "il") -> list[str]:
+def split_keys(text: str, parameter: str = "source1") -> list[str]:
     """Asset keys of a comma-separated list (``"B04, B03"`` → ``["B04", "B03"]``).
 
     Raises
@@ -102,7 +102,7 @@ def _fetch(href: str, parameter: str) -> tuple[str, str]:
             from None
 
 
-def read_item(item: str | os.PathLike[str], parameter: str = "il") -> pystac.Item:
+def read_item(item: str | os.PathLike[str], parameter: str = "source1") -> pystac.Item:
     """Read a STAC Item from a local JSON file or an ``http(s)://`` URL.
 
     Parameters
@@ -110,7 +110,7 @@ def read_item(item: str | os.PathLike[str], parameter: str = "il") -> pystac.Ite
     item
         Path or URL of the Item JSON (``/vsicurl/https://…`` is accepted too).
     parameter
-        Parameter named in error messages (``source1.il``).
+        Neutral identifier named in error messages (``source1``).
 
     Returns
     -------
@@ -142,7 +142,7 @@ def read_item(item: str | os.PathLike[str], parameter: str = "il") -> pystac.Ite
 
 
 def resolve_assets(item: pystac.Item | str | os.PathLike[str], keys: Sequence[str],
-                   parameter: str = "il") -> list[StacAsset]:
+                   parameter: str = "source1") -> list[StacAsset]:
     """The assets ``keys`` of ``item``, in that order, with GDAL-readable paths.
 
     Parameters
@@ -152,7 +152,7 @@ def resolve_assets(item: pystac.Item | str | os.PathLike[str], keys: Sequence[st
     keys
         Asset keys.
     parameter
-        Parameter named in error messages (``source1.il``).
+        Neutral identifier named in error messages (``source1``).
 
     Returns
     -------
@@ -192,7 +192,7 @@ def resolve_assets(item: pystac.Item | str | os.PathLike[str], keys: Sequence[st
 
 
 def item_asset_paths(item: pystac.Item | str | os.PathLike[str], keys: Sequence[str],
-                     parameter: str = "il") -> list[str]:
+                     parameter: str = "source1") -> list[str]:
     """GDAL-readable paths of the assets ``keys`` of a STAC Item, in that order.
 
     Parameters

@@ -25,11 +25,25 @@ from terrapatch.apps._extended import (
 from terrapatch.errors import InputError, ParameterError
 from terrapatch.progress import configure_logging, logger
 from terrapatch.raster import Source
+from terrapatch.spelling import SOURCE, respelled
 from terrapatch.writer import (
     pixel_dtype,
 )
 
 _SOURCE_KEY = re.compile(r"^source(\d+)\.(.+)$")
+
+#: OTBTF spelling of a source's neutral identifiers (:mod:`terrapatch.spelling`), for
+#: the applications that read patches (``patchsizex``) and those that feed a model
+#: (``rfieldx``). A source's rasters are its ``il``.
+SOURCE_NAMES = {SOURCE: f"{SOURCE}.il", f"{SOURCE}.paths": f"{SOURCE}.il",
+                f"{SOURCE}.nodata": f"{SOURCE}.nodata"}
+PATCH_SOURCE_NAMES = {**SOURCE_NAMES, f"{SOURCE}.patch_size": f"{SOURCE}.patchsizex/y",
+                      f"{SOURCE}.patch_size[0]": f"{SOURCE}.patchsizex",
+                      f"{SOURCE}.patch_size[1]": f"{SOURCE}.patchsizey"}
+MODEL_SOURCE_NAMES = {**SOURCE_NAMES, f"{SOURCE}.patch_size": f"{SOURCE}.rfieldx/y",
+                      f"{SOURCE}.patch_size[0]": f"{SOURCE}.rfieldx",
+                      f"{SOURCE}.patch_size[1]": f"{SOURCE}.rfieldy",
+                      f"{SOURCE}.placeholder": f"{SOURCE}.placeholder"}
 _TRUE = {"1", "true", "on", "yes"}
 _FALSE = {"0", "false", "off", "no"}
 
@@ -159,8 +173,9 @@ class App:
     """Base class of the OTBTF-compatible applications.
 
     Subclasses set :attr:`name`, :attr:`description`, :attr:`params`,
-    :attr:`source_params` (empty for single-input apps) and :attr:`primary_output`,
-    and implement :meth:`run`.
+    :attr:`source_params` (empty for single-input apps), :attr:`primary_output` and
+    :attr:`spelling` (the OTBTF key of each neutral identifier the core may name in
+    an error or a log record, :mod:`terrapatch.spelling`), and implement :meth:`run`.
 
     Parameters
     ----------
@@ -199,6 +214,7 @@ class App:
     supports_cluster: ClassVar[bool] = False
     supports_resume: ClassVar[bool] = False
     supports_device: ClassVar[bool] = False
+    spelling: ClassVar[Mapping[str, str]] = {}
 
     def __init__(self, *args: Mapping[str, Any], n_sources: int | None = None,
                  quiet: bool = False, pixel_types: Mapping[str, str] | None = None,
@@ -356,7 +372,8 @@ class App:
                            self.name)
         if self.resume and not self.supports_resume:
             raise InputError(f"--resume: {self.name} cannot resume; rerun it without --resume")
-        self.result = self.run()
+        with respelled(self.spelling):
+            self.result = self.run()
         self.executed = True
         return self.result
 
@@ -442,7 +459,8 @@ def model_sources(app: App) -> list[Source]:
     """``sourceK.il/rfieldx/rfieldy/nodata/placeholder`` as sources (fields None when not given).
 
     For the applications that feed a model (TensorflowModelServe, the deep-features
-    applications): errors about the receptive field name ``sourceK.rfieldx``.
+    applications), whose :data:`MODEL_SOURCE_NAMES` spell the receptive field
+    ``sourceK.rfieldx``.
     """
     sources = []
     for k in range(1, app.n_sources + 1):
@@ -454,8 +472,7 @@ def model_sources(app: App) -> list[Source]:
             raise InputError(f"source{k}.rfieldx: missing, but source{k}.rfieldy is given")
         sources.append(Source(il, patch_size=None if rx is None else (rx, ry or rx),
                               nodata=app.source(k, "nodata"),
-                              placeholder=app.source(k, "placeholder"), name=f"source{k}",
-                              size_keys=("rfieldx", "rfieldy")))
+                              placeholder=app.source(k, "placeholder"), name=f"source{k}"))
     if not sources:
         raise InputError(f"source1.il: missing mandatory parameter of {app.name}")
     return sources

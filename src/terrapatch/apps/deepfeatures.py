@@ -13,12 +13,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from terrapatch.apps._base import App, Param, model_sources
+from terrapatch.apps._base import MODEL_SOURCE_NAMES, App, Param, model_sources
 from terrapatch.apps.serve import parse_user_placeholders
-from terrapatch.deepfeatures import TrainSummary, classify, respelled, train_deep_classifier
+from terrapatch.deepfeatures import TrainSummary, classify, train_deep_classifier
 from terrapatch.errors import InputError
 from terrapatch.progress import logger
 from terrapatch.serve import ServeSummary
+from terrapatch.spelling import respelled
 
 _RAM = Param("ram", "int", "accepted for OTB compatibility; ignored")
 
@@ -105,6 +106,7 @@ class TrainClassifierFromDeepFeatures(App):
                    "features at labelled points; save it as a .skops file")
     primary_output = "out"
     supports_cluster = True
+    spelling = MODEL_SOURCE_NAMES
     source_params = SOURCE_PARAMS
     params = (
         *_model_params("model"),
@@ -198,6 +200,7 @@ class ImageClassifierFromDeepFeatures(App):
                    "TrainClassifierFromDeepFeatures; write a GeoTIFF map of classes")
     primary_output = "out"
     supports_cluster = True
+    spelling = MODEL_SOURCE_NAMES
     source_params = SOURCE_PARAMS
     params = (
         *_model_params("deepmodel"),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from terrapatch.apps._base import App, Param
+from terrapatch.apps._base import PATCH_SOURCE_NAMES, App, Param
 from terrapatch.errors import InputError
 from terrapatch.extraction import ExtractionSummary, extract_patches
 from terrapatch.raster import Source
@@ -26,6 +26,7 @@ class PatchesExtraction(App):
                    "and write patches images")
     primary_output = "source1.out"
     supports_cluster = True
+    spelling = PATCH_SOURCE_NAMES
     source_params = (
         Param("il", "paths", "input image(s), stacked as bands", required=True),
         Param("out", "out", "output patches image", required=True, pixel_type="float32"),

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from terrapatch.apps._base import App, Param, model_sources
+from terrapatch.apps._base import MODEL_SOURCE_NAMES, App, Param, model_sources
 from terrapatch.errors import InputError
 from terrapatch.progress import logger
 from terrapatch.serve import Normalization, ServeSummary, serve
@@ -90,6 +90,7 @@ class TensorflowModelServe(App):
     supports_cluster = True
     supports_resume = True
     supports_device = True
+    spelling = MODEL_SOURCE_NAMES
     source_params = (
         Param("il", "paths", "input image(s), stacked as bands", required=True),
         Param("rfieldx", "int", "receptive field width in this source's pixels "

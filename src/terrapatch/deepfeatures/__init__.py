@@ -35,7 +35,7 @@ One module per job: :mod:`~terrapatch.deepfeatures.features` (steps 1),
 
 from __future__ import annotations
 
-from terrapatch.deepfeatures._common import BUNDLE_FORMAT, CLASSIFIERS, respelled
+from terrapatch.deepfeatures._common import BUNDLE_FORMAT, CLASSIFIERS
 from terrapatch.deepfeatures.classifiers import (
     ClassifierBundle,
     cached_classifier,
@@ -76,7 +76,6 @@ __all__ = [
     "load_classifier",
     "open_feature_model",
     "prepare_classify",
-    "respelled",
     "sample_features",
     "save_classifier",
     "train_classifier",

@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import os
-from collections.abc import Iterator, Mapping
 from types import ModuleType
 
-from terrapatch.errors import (
-    MissingExtraError,
-    TerrapatchError,
-)
+from terrapatch.errors import MissingExtraError
 
 PathLike = str | os.PathLike[str]
 
@@ -45,18 +40,3 @@ def _classical(what: str) -> tuple[ModuleType, ModuleType]:
             extra="classical", package=exc.name,
         ) from None
     return sklearn, skops_io
-
-
-@contextlib.contextmanager
-def respelled(names: Mapping[str, str]) -> Iterator[None]:
-    """Errors starting with a parameter of ``names`` (``"vec: ..."``) name its new key instead.
-
-    The error is re-raised as it is (same class), only its first word changes.
-    """
-    try:
-        yield
-    except TerrapatchError as exc:
-        key, sep, rest = str(exc).partition(":")
-        if sep and key in names and exc.args:
-            exc.args = (f"{names[key]}:{rest}", *exc.args[1:])
-        raise

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from terrapatch.deepfeatures._common import FEATURE_BATCH, FEATURE_BATCH_BYTES, PathLike, respelled
+from terrapatch.deepfeatures._common import FEATURE_BATCH, FEATURE_BATCH_BYTES, PathLike
 from terrapatch.engines import Engine, load_engine
 from terrapatch.errors import (
     InputError,
@@ -26,6 +26,7 @@ from terrapatch.scales import check_factor
 from terrapatch.serve import derive_geometry
 from terrapatch.serve.binding import resolve_inputs, resolve_outputs
 from terrapatch.serve.layouts import detect_layout, with_layout
+from terrapatch.spelling import respelled
 from terrapatch.vector import PointSet, read_points
 from terrapatch.writer import (
     PIXEL_TYPES,
