@@ -137,7 +137,7 @@ def test_missing_input_value_and_run_failure(seed_files):
 
 @requires_export
 def test_missing_and_corrupt_models(tmp_path):
-    with pytest.raises(ModelError, match=r"model.dir: model '.*nothere' does not exist"):
+    with pytest.raises(ModelError, match=r"model: model '.*nothere' does not exist"):
         load_engine(tmp_path / "nothere")
     (tmp_path / "empty_dir").mkdir()
     with pytest.raises(ModelError, match="is not a TensorFlow SavedModel"):

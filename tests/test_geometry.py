@@ -153,13 +153,15 @@ def test_rejects_crs_mismatch_naming_both():
 
 
 def test_rejects_bad_sizes_and_factor():
-    g = grid(10, 50, name="source1.il")
-    with pytest.raises(InputError, match="larger than the image"):
+    g = grid(10, 50, name="source1 (a.tif)")
+    with pytest.raises(InputError, match=r"^source1\.patch_size: 51×4 is larger than the image"):
         Layout((g,), ((51, 4),))
-    with pytest.raises(InputError, match="≥ 1"):
+    with pytest.raises(InputError, match=r"^source1\.patch_size: 0×4 must be ≥ 1"):
         Layout((g,), ((0, 4),))
-    with pytest.raises(InputError, match="spcscale"):
+    with pytest.raises(InputError, match=r"^factor: 1\.5 is neither"):
         Layout((g,), ((4, 4),), factor=1.5)
+    with pytest.raises(InputError, match=r"^spcscale: 1\.5 is neither"):
+        Layout((g,), ((4, 4),), factor=1.5, factor_key="spcscale")
 
 
 def test_no_overlap_is_an_error():

@@ -29,15 +29,15 @@ def test_valid_scales(value, expected):
 
 
 @pytest.mark.parametrize("value, message", [
-    (1.5, r"output.spcscale: 1.5 is neither an integer k nor 1/k .* are 1 or 2$"),
-    (0.3, r"output.spcscale: 0.3 .* nearest valid values are 0.25 or 0.333333$"),
-    (0.7, r"output.spcscale: 0.7 .* nearest valid values are 0.5 or 1$"),
+    (1.5, r"spcscale: 1.5 is neither an integer k nor 1/k .* are 1 or 2$"),
+    (0.3, r"spcscale: 0.3 .* nearest valid values are 0.25 or 0.333333$"),
+    (0.7, r"spcscale: 0.7 .* nearest valid values are 0.5 or 1$"),
     (2.5, r"nearest valid values are 2 or 3$"),
-    (0, r"output.spcscale: 0 must be positive"),
-    (-2, r"output.spcscale: -2 must be positive"),
-    (float("nan"), r"output.spcscale: nan must be positive"),
-    ("half", r"output.spcscale: 'half' is not a number"),
-    (True, r"output.spcscale: True is not a number"),
+    (0, r"spcscale: 0 must be positive"),
+    (-2, r"spcscale: -2 must be positive"),
+    (float("nan"), r"spcscale: nan must be positive"),
+    ("half", r"spcscale: 'half' is not a number"),
+    (True, r"spcscale: True is not a number"),
     (1 / 100, r"nearest valid values are 0.015625"),  # past k = 64
 ])
 def test_invalid_scales_name_the_nearest_valid_ones(value, message):

@@ -87,7 +87,7 @@ def test_groups_keep_order_and_size():
 @pytest.mark.parametrize("value", [0, -1, 1.5, True])
 def test_bad_tile_batch_is_one_line(case, tmp_path, value):
     scene, model = case
-    with pytest.raises(InputError, match=rf"optim.tilebatch: {value!r} must be an integer"):
+    with pytest.raises(InputError, match=rf"tile_batch: {value!r} must be an integer"):
         serve([Source(scene.img_10m, name="source1")], model, tmp_path / "x.tif",
               fullyconv=True, spcscale=0.5, tile_batch=value, quiet=True)
     assert not (tmp_path / "x.tif").exists()

@@ -83,7 +83,7 @@ def test_explicit_parameters_override_the_recorded_ones(case, tmp_path):
     assert not patch.fullyconv
     np.testing.assert_allclose(read(patch.path)[0], read(recorded.path)[0], atol=1e-4)
     # an explicit spcscale wins over the recorded 2 (and this model cannot serve at 1)
-    with pytest.raises(ModelError, match=r"output.spcscale=1"):
+    with pytest.raises(ModelError, match=r"spcscale=1"):
         serve(sources, described, tmp_path / "c.tif", spcscale=1, quiet=True)
     given = serve([Source(scene.img_10m, 10, name="source1"),
                    Source(scene.img_20m, 5, name="source2")], described, tmp_path / "d.tif",
@@ -112,7 +112,7 @@ def test_sources_that_do_not_match_the_contract_are_named(case, tmp_path, capsys
     scene, _, _ = case
     wrong = conv_onnx(tmp_path / "wrong.onnx")
     write_contract(wrong, contract())
-    with pytest.raises(InputError, match=r"^source2.il: the model's contract expects 6 bands "
+    with pytest.raises(InputError, match=r"^source2: the model's contract expects 6 bands "
                                          r"for 'input_20m', the raster has 4$"):
         serve([Source(scene.img_10m, name="source1"), Source(scene.img_10m, name="source2")],
               wrong, tmp_path / "x.tif", quiet=True)

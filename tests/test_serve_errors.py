@@ -72,17 +72,17 @@ CASES = {
                        r"output.names: 'labels' is not an output .*; its outputs are: "
                        r"estimated, estimated_labels, features"),
     "rf larger than source": ({"source1.rfieldx": "40"},
-                              r"source1.il: patch size / receptive field 40×40 is larger "
-                              r"than the image \(32×32\)"),
+                              r"source1.rfieldx/y: 40×40 is larger than the image "
+                              r"\(32×32 px\)"),
     "no overlap": ({"source1.il": "{far20}"}, r"no output pixel has its full receptive field"),
     "crs mismatch": ({"source1.il": "{utm32}"}, r"CRS EPSG:32631 differs from source1 CRS "
                                                 r"EPSG:32632"),
     "inconsistent geometry": ({"source1.rfieldx": "9"},
-                              r"inconsistent geometry \(source1.rfieldx/y=9/9, .*\): for a "
+                              r"inconsistent geometry \(source1.rfieldx/y=\(9, 9\), .*\): for a "
                               r"1×1-pixel output tile .* fed input_20m \(1, 9, 9, 6\), "
                               r"input_10m \(1, 16, 16, 4\) and failed .*; the model's "
-                              r"geometry suggests source1.rfieldx/y=8/8, "
-                              r"source2.rfieldx/y=16/16, output.efieldx/y=1/1"),
+                              r"geometry suggests source1.rfieldx/y=\(8, 8\), "
+                              r"source2.rfieldx/y=\(16, 16\), output.efieldx/y=\(1, 1\)"),
     "missing spcscale": ({"source1.il": "{s10}", "source1.placeholder": "input_10m",
                           "source1.rfieldx": "16", "source2.il": "{s20}",
                           "source2.placeholder": "input_20m", "source2.rfieldx": "8"},
@@ -149,7 +149,7 @@ def test_model_needs_an_input_no_source_feeds(files, tmp_path):
     with pytest.raises(Exception, match=r"model input\(s\) \['input_10m'\] are fed by no "
                                         r"source"):
         serve(sources, files["seed"], tmp_path / "m.tif", "estimated", quiet=True)
-    with pytest.raises(Exception, match=r"source1.il: 6 band\(s\), but model input 'x' "
+    with pytest.raises(Exception, match=r"source1: 6 band\(s\), but model input 'x' "
                                         r"expects 2 channel"):
         serve([Source(files["s20"], 1)], identity_model(bands=2), tmp_path / "m.tif",
               quiet=True)

@@ -295,9 +295,9 @@ def test_nhwc_variant_gives_the_same_map(data, tmp_path):
 def test_dynamic_channels_need_the_layout(data, tmp_path):
     out = tmp_path / "map.tif"
     # Channels dynamic: nothing to detect from, the engine's default (nhwc) is wrong.
-    with pytest.raises(ModelError, match=r"^model\.dir: cannot derive the receptive fields.*"
-                                         r"so terrapatch assumed nhwc: give model\.layout "
-                                         r"nchw"):
+    with pytest.raises(ModelError, match=r"^model: cannot derive the receptive fields.*"
+                                         r"so terrapatch assumed nhwc: give model_layout="
+                                         r"'nchw'"):
         _serve(data, out, model="dynamic", tile_size=96)
     assert_nothing_written(tmp_path)
     summary = _serve(data, out, model="dynamic", tile_size=96, model_layout="nchw")
@@ -387,23 +387,23 @@ def test_threshold_marks_uncertain_pixels(data, tmp_path):
 
 BAD = {
     "layout contradicts": (dict(model_layout="nhwc"), InputError,
-                           r"^model\.layout: nhwc contradicts the model: input .* has no 3 "
-                           r"channel\(s\) of source1\.il there; terrapatch would feed "
+                           r"^model_layout: nhwc contradicts the model: input .* has no 3 "
+                           r"channel\(s\) of source1 there; terrapatch would feed "
                            r"\[batch, rows, cols, 3\] \(nhwc\)"),
-    "unknown layout": (dict(model_layout="nwhc"), InputError, r"^model\.layout: 'nwhc' is not"),
+    "unknown layout": (dict(model_layout="nwhc"), InputError, r"^model_layout: 'nwhc' is not"),
     "band mismatch": (dict(image="four"), InputError,
-                      r"^source1\.il: 4 band\(s\), but model input 'input' expects 3 "
+                      r"^source1: 4 band\(s\), but model input 'input' expects 3 "
                       r"channel\(s\) \(.*\); terrapatch would feed \[batch, rows, cols, 4\] "
                       r"\(nhwc\) or \[batch, 4, rows, cols\] \(nchw\)"),
     "margin larger than tile": (dict(margin=40, tile_size=32), InputError,
-                                r"^output\.margin: 40 px is larger than the tile"),
-    "negative margin": (dict(margin=-1), InputError, r"^output\.margin: -1 must be an integer"),
+                                r"^margin: 40 px is larger than the tile"),
+    "negative margin": (dict(margin=-1), InputError, r"^margin: -1 must be an integer"),
     "margin not integer pair": (dict(margin=(2.5, 3)), InputError,
-                                r"^output\.margin: \(2\.5, 3\) must be an integer"),
+                                r"^margin: \(2\.5, 3\) must be an integer"),
     "threshold above 1": (dict(argmax=True, threshold=1.5), InputError,
-                          r"^output\.threshold: 1\.5 must lie in \[0, 1\]"),
+                          r"^threshold: 1\.5 must lie in \[0, 1\]"),
     "threshold without argmax": (dict(threshold=0.5), InputError,
-                                 r"^output\.threshold: 0\.5 needs output\.argmax"),
+                                 r"^threshold: 0\.5 needs argmax=True"),
     "scale length": (dict(normalization=[Normalization(scale=[1.0, 2.0])]), InputError,
                      r"^source1\.scale: \[1\.0, 2\.0\] must be one value or one per band "
                      r"\(3\)"),
@@ -418,15 +418,15 @@ BAD = {
     "too many normalisations": (dict(normalization=[None, Normalization()]), InputError,
                                 r"^normalization: 2 given for 1 source\(s\)"),
     "unknown coverage": (dict(coverage="everything"), InputError,
-                         r"^output\.coverage: 'everything' is not one of inset, full"),
+                         r"^coverage: 'everything' is not one of inset, full"),
     "padding refl": (dict(padding="refl"), InputError,
-                     r"^output\.padding: 'refl' is neither reflect nor a number"),
+                     r"^padding: 'refl' is neither reflect nor a number"),
     "padding infinite": (dict(padding=float("inf")), InputError,
-                         r"^output\.padding: inf must be finite or reflect"),
+                         r"^padding: inf must be finite or reflect"),
     "global context on the input": (dict(model="input_mean"), ModelError,
-                                    r"^model\.dir: the model's output keeps its input size "
+                                    r"^model: the model's output keeps its input size "
                                     r"\(same padding\), but .* more than 64 px away .*; give "
-                                    r"output\.margin"),
+                                    r"margin="),
 }
 
 
@@ -451,7 +451,7 @@ def test_bad_input_names_the_parameter_and_writes_nothing(data, tmp_path, case):
 def test_float_margin_is_an_input_error(data, tmp_path):
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    with pytest.raises(InputError, match=r"^output\.margin: 2\.5 must be an integer"):
+    with pytest.raises(InputError, match=r"^margin: 2\.5 must be an integer"):
         serve([Source(data["image"])], data["nchw"], out_dir / "map.tif", fullyconv=True,
               quiet=True, margin=2.5)
     assert_nothing_written(out_dir)
@@ -460,7 +460,7 @@ def test_float_margin_is_an_input_error(data, tmp_path):
 def test_global_context_model_is_refused(data, tmp_path):
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    with pytest.raises(ModelError, match=r"more than 64 px away.*give output\.margin"):
+    with pytest.raises(ModelError, match=r"more than 64 px away.*give margin="):
         serve([Source(data["image"])], data["global"], out_dir / "map.tif", fullyconv=True,
               quiet=True, normalization=[Normalization(scale=SCALE)])
     assert_nothing_written(out_dir)

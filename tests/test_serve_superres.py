@@ -116,9 +116,9 @@ def test_model_not_matching_the_fractional_grid_is_explained(scene, sr_model, tm
     assert "\n" not in message
     assert "expected 2×2 output pixel(s) per tile" in message
     assert "(1, 4, 4, 4)" in message  # what the model returned
-    assert "output.efieldx/y=4/4, output.spcscale=0.25" in message  # the suggestion
+    assert "efield=(4, 4), spcscale=0.25" in message  # the suggestion
     unsized = [Source(scene.img_10m, name="source1")]
-    with pytest.raises(ModelError, match=r"super-resolution model\? try output.spcscale=0.25"):
+    with pytest.raises(ModelError, match=r"super-resolution model\? try spcscale=0.25"):
         serve(unsized, sr_model, tmp_path / "bad2.tif", fullyconv=True, spcscale=1, quiet=True)
     assert not list(tmp_path.glob("bad*"))
 

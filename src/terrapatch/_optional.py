@@ -215,7 +215,7 @@ def require(module: str, what: str, *, also: tuple[str, ...] = (), hint: str = "
     module
         Module to import (its top-level package must be in :data:`EXTRAS`).
     what
-        What needs it, starting the message, e.g. ``"model.dir: serving the Keras
+        What needs it, starting the message, e.g. ``"model: serving the Keras
         model 'm.keras'"``.
     also
         Other modules of the same need, named in the message (e.g. ``("keras",)``).

@@ -148,8 +148,9 @@ def check_worker_paths(client: Any, paths: Iterable[str | os.PathLike[str]],
         every worker must see; relative paths are taken from the caller's working
         directory. URLs and GDAL ``/vsi`` paths are not checked.
     labels
-        Parameter name of each path, as given in ``paths`` (e.g. ``{"m.keras":
-        "model.dir"}``), quoted in the error; default ``input file``.
+        Neutral identifier of each path, as given in ``paths`` (e.g. ``{"m.keras":
+        "model"}``), named in the error as ``model='/abs/m.keras'``; default
+        ``input file``.
 
     Raises
     ------
@@ -160,12 +161,13 @@ def check_worker_paths(client: Any, paths: Iterable[str | os.PathLike[str]],
     for p in paths:
         text = os.fspath(p)
         full = text if is_remote(text) else os.path.abspath(text)
-        names.setdefault(full, (labels or {}).get(text, "input file"))
+        label = (labels or {}).get(text)
+        names.setdefault(full, f"input file {full!r}" if label is None else f"{label}={full!r}")
     missing = client.run(_missing_paths, sorted(names))
     for worker, lost in sorted(missing.items()):
         if lost:
             raise InputError(
-                f"worker {worker}: {names[lost[0]]} {lost[0]!r} does not exist there "
+                f"worker {worker}: {names[lost[0]]} does not exist there "
                 "(the rasters and models must be visible to every worker at the same path)"
             )
 

@@ -226,7 +226,7 @@ class Engine(abc.ABC):
             f"its inputs are: {', '.join(i.describe() for i in self.inputs.values())}"
         )
 
-    def resolve_output(self, name: str, parameter: str = "output.names") -> str:
+    def resolve_output(self, name: str, parameter: str = "output_names") -> str:
         """Return the output called ``name``: signature key first, then layer name."""
         for candidate in (name, _strip_index(name)):
             if candidate in self.outputs:
@@ -291,7 +291,7 @@ class Engine(abc.ABC):
     # ------------------------------------------------------------------ loading
 
     @staticmethod
-    def load(model: Any, parameter: str = "model.dir", device: str = "auto") -> Engine:
+    def load(model: Any, parameter: str = "model", device: str = "auto") -> Engine:
         """Open a model: SavedModel directory, ``.keras``, ``.onnx``, ``.pt2`` or ``.pt`` file.
 
         ``model`` may also be an :class:`Engine` (returned as is), an in-memory
@@ -315,7 +315,7 @@ def savedmodel_graph(path: str | os.PathLike[str]) -> Path | None:
     return None
 
 
-def load_engine(model: Any, parameter: str = "model.dir", device: str = "auto") -> Engine:
+def load_engine(model: Any, parameter: str = "model", device: str = "auto") -> Engine:
     """Open ``model`` with the engine matching its format.
 
     Parameters
@@ -411,7 +411,7 @@ class SavedModelEngine(Engine):
     kind = "SavedModel"
 
     def __init__(self, path: str, tags: Sequence[str] | None = None,
-                 signature: str | None = None, parameter: str = "model.dir",
+                 signature: str | None = None, parameter: str = "model",
                  device: str = "auto") -> None:
         tf = import_tensorflow(f"{parameter}: serving the SavedModel {path!r}", hint=_ONNX_HINT,
                                error=MissingEngineError)
@@ -467,7 +467,7 @@ def tensorflow_device(tf: Any, device: str, model: str,
     return where, "/GPU:0" if where == "cuda" else "/CPU:0"
 
 
-def check_keras_file(path: str | os.PathLike[str], parameter: str = "model.dir") -> None:
+def check_keras_file(path: str | os.PathLike[str], parameter: str = "model") -> None:
     """Refuse a ``.keras`` file that is not a zip archive (damaged, truncated, renamed).
 
     Keras reports such a file as "File not found" although it exists.
@@ -520,7 +520,7 @@ class KerasEngine(Engine):
 
     kind = "Keras model"
 
-    def __init__(self, path: str, parameter: str = "model.dir",
+    def __init__(self, path: str, parameter: str = "model",
                  _model: Any = None, device: str = "auto") -> None:
         keras = import_keras(f"{parameter}: serving the Keras model {path!r}", hint=_ONNX_HINT,
                              error=MissingEngineError)
@@ -657,7 +657,7 @@ class OnnxEngine(Engine):
 
     kind = "ONNX model"
 
-    def __init__(self, path: str, parameter: str = "model.dir", threads: int = 0,
+    def __init__(self, path: str, parameter: str = "model", threads: int = 0,
                  device: str = "auto") -> None:
         import onnxruntime as ort
 

@@ -105,7 +105,8 @@ class Grid:
     crs
         Coordinate reference system (rasterio ``CRS``) or None.
     name
-        Label used in error messages (e.g. ``"source1.il"``); not part of equality.
+        Label used in error messages: the source identifier, then the path in
+        parentheses (``"source1 (a.tif)"``); not part of equality.
     """
 
     transform: Affine
@@ -257,14 +258,14 @@ class Layout:
     efield
         Expression field ``(ex, ey)``: output pixels emitted per input window.
     factor_key
-        Parameter name of ``factor`` in error messages (``grid.factor`` when extracting).
+        Neutral identifier of ``factor`` in error messages (``spcscale`` when serving).
     """
 
     grids: tuple[Grid, ...]
     fields: tuple[tuple[int, int], ...]
     factor: int | Fraction = 1
     efield: tuple[int, int] = (1, 1)
-    factor_key: str = field(default="output.spcscale", compare=False)
+    factor_key: str = field(default="factor", compare=False)
     coverage: str = "inset"
 
     def __post_init__(self) -> None:
@@ -279,18 +280,17 @@ class Layout:
         object.__setattr__(self, "factor", scale_value(check_spcscale(self.factor,
                                                                      self.factor_key)))
         for g, (rx, ry) in zip(self.grids, self.fields, strict=True):
+            size = f"{source_of(g)}.patch_size"
             if rx < 1 or ry < 1:
-                raise InputError(f"{g.name}: patch size / receptive field {rx}×{ry} must be ≥ 1")
+                raise InputError(f"{size}: {rx}×{ry} must be ≥ 1")
             if rx > g.width or ry > g.height:
-                raise InputError(
-                    f"{g.name}: patch size / receptive field {rx}×{ry} is larger than the "
-                    f"image ({g.width}×{g.height})"
-                )
+                raise InputError(f"{size}: {rx}×{ry} is larger than the image "
+                                 f"({g.width}×{g.height} px)")
         ex, ey = self.efield
         if ex < 1 or ey < 1:
-            raise InputError(f"output.efield: {ex}×{ey} must be ≥ 1")
+            raise InputError(f"efield: {ex}×{ey} must be ≥ 1")
         if self.coverage not in COVERAGES:
-            raise InputError(f"output.coverage: {self.coverage!r} is not one of "
+            raise InputError(f"coverage: {self.coverage!r} is not one of "
                              f"{', '.join(COVERAGES)}")
         check_same_crs(self.grids)
 
@@ -573,8 +573,8 @@ def misalignments(grids: Sequence[Grid]) -> list[str]:
                 offsets.append(f"{fraction:.3g} px ({fraction * fine:g}{unit}) in {axis}")
         if offsets:
             lines.append(
-                f"{g.name.split(' (')[0]}: its grid is offset from "
-                f"{ref.name.split(' (')[0]}'s by {' and '.join(offsets)}, so the two do not "
+                f"{source_of(g)}: its grid is offset from "
+                f"{source_of(ref)}'s by {' and '.join(offsets)}, so the two do not "
                 "nest; terrapatch centres its windows on each sample to the nearest pixel "
                 f"(up to {max(g.spacing) / 2:g}{unit} off); resample it onto a grid nested "
                 "with source 1's for exact co-registration"
@@ -640,9 +640,14 @@ def serving_steps(grids: Sequence[Grid], spcscale: int | float | Fraction, fully
     return ServingSteps(tuple(zip(dx, dy, strict=True)), (qx, qy))
 
 
+def source_of(grid: Grid) -> str:
+    """The identifier of the source a grid belongs to: its name without the path."""
+    return grid.name.split(" (")[0]
+
+
 def spcscale_hint(grids: Sequence[Grid]) -> str:
     """A sentence proposing an output scale on which every source spacing divides."""
     coarse = max(g.spacing[0] for g in grids) / grids[0].spacing[0]
     if _is_integer(coarse) and round(coarse) > 1:
-        return f"try output.spcscale={round(coarse)}"
-    return "give output.spcscale so that every source spacing divides the output spacing"
+        return f"try spcscale={round(coarse)}"
+    return "give spcscale so that every source spacing divides the output spacing"

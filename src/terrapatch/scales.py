@@ -30,7 +30,7 @@ MAX_SCALE_DENOMINATOR = 64
 WHOLE_TOLERANCE = 1e-6
 
 
-def check_factor(value: Any, parameter: str = "output.spcscale") -> int:
+def check_factor(value: Any, parameter: str = "factor") -> int:
     """Return a sampling-grid factor as an int; raise unless it is a positive integer."""
     try:
         number = float(value)
@@ -66,7 +66,7 @@ def _nearest_scales(number: float) -> str:
     return " or ".join(format_scale(c) for c in candidates)
 
 
-def check_spcscale(value: Any, parameter: str = "output.spcscale") -> Fraction:
+def check_spcscale(value: Any, parameter: str = "spcscale") -> Fraction:
     """Return a serving scale: an integer ``k ≥ 1`` or ``1/k`` (``2 ≤ k ≤ 64``), exactly.
 
     Floats such as 0.25 or 0.333333 are recognised as ``1/k`` within a relative

@@ -18,8 +18,9 @@ What is rewritten, so that prose is never touched:
 - the *subject*, the identifier that starts a message before ``": "`` (or before a
   parenthesis, ``source1 (a.tif): ...``), whatever it is;
 - *mentions* elsewhere in the message, of identifiers that cannot be English words:
-  those holding ``_``, ``.`` or ``[`` (``tile_size``, ``source2.patch_size``), and any
-  identifier written as an assignment (``spcscale=0.25``).
+  those holding ``_``, ``.`` or ``[`` (``tile_size``, ``source2.patch_size``), the
+  :data:`JARGON` (``spcscale``), and any identifier written as an assignment
+  (``margin=8``).
 
 Table keys may contain ``{source}``, which stands for ``source1``, ``source2``, …
 (and ``sourceK``, meaning any of them); the value's ``{source}`` becomes that name.
@@ -34,7 +35,10 @@ from collections.abc import Iterator, Mapping
 
 from terrapatch.errors import TerrapatchError
 
-__all__ = ["SOURCE", "Spelling", "respelled"]
+__all__ = ["JARGON", "SOURCE", "Spelling", "respelled"]
+
+#: Plain identifiers that are no English word, hence recognised anywhere in a message.
+JARGON = frozenset({"spcscale", "efield", "fullyconv", "argmax"})
 
 #: Placeholder of a source's name in a table key or value.
 SOURCE = "{source}"
@@ -135,6 +139,9 @@ class _RecordSpeller(logging.Filter):
         self.spelling = spelling
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.msg, str):
-            record.msg = self.spelling(record.msg)
+        try:
+            message = record.getMessage()  # arguments may name parameters too
+        except (TypeError, ValueError):  # a malformed record: leave it to logging
+            return True
+        record.msg, record.args = self.spelling(message), ()
         return True

@@ -455,6 +455,14 @@ def _is_number(token: str) -> bool:
     return True
 
 
+def xy_pair(x: int | None, y: int | None) -> tuple[int, int] | None:
+    """``(x, y)`` from an OTB ``…x`` / ``…y`` pair of keys: y defaults to x; None without x.
+
+    Only a missing y takes x's value: ``-optim.tilesizey 0`` stays 0, and is refused.
+    """
+    return None if x is None else (x, x if y is None else y)
+
+
 def model_sources(app: App) -> list[Source]:
     """``sourceK.il/rfieldx/rfieldy/nodata/placeholder`` as sources (fields None when not given).
 
@@ -470,7 +478,7 @@ def model_sources(app: App) -> list[Source]:
         rx, ry = app.source(k, "rfieldx"), app.source(k, "rfieldy")
         if rx is None and ry is not None:
             raise InputError(f"source{k}.rfieldx: missing, but source{k}.rfieldy is given")
-        sources.append(Source(il, patch_size=None if rx is None else (rx, ry or rx),
+        sources.append(Source(il, patch_size=xy_pair(rx, ry),
                               nodata=app.source(k, "nodata"),
                               placeholder=app.source(k, "placeholder"), name=f"source{k}"))
     if not sources:

@@ -6,12 +6,43 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from terrapatch.apps._base import MODEL_SOURCE_NAMES, App, Param, model_sources
+from terrapatch.apps._base import MODEL_SOURCE_NAMES, App, Param, model_sources, xy_pair
 from terrapatch.errors import InputError
 from terrapatch.progress import logger
 from terrapatch.serve import Normalization, ServeSummary, serve
 
 _NUMERIC = set("-0123456789.")
+
+#: OTBTF spelling of the neutral identifiers the serving core names
+#: (:func:`terrapatch.serve.serve`'s keywords), sources included.
+SERVE_NAMES = {
+    **MODEL_SOURCE_NAMES,
+    "model": "model.dir",
+    "user_placeholders": "model.userplaceholders",
+    "fullyconv": "model.fullyconv",
+    "model_layout": "model.layout",
+    "output_names": "output.names",
+    "spcscale": "output.spcscale",
+    "efield": "output.efieldx/y",
+    "efield[0]": "output.efieldx",
+    "efield[1]": "output.efieldy",
+    "margin": "output.margin",
+    "coverage": "output.coverage",
+    "padding": "output.padding",
+    "argmax": "output.argmax",
+    "threshold": "output.threshold",
+    "below_threshold": "output.belowvalue",
+    "background": "output.bv",
+    "disable_tiling": "optim.disabletiling",
+    "tile_size": "optim.tilesizex/y",
+    "tile_size[0]": "optim.tilesizex",
+    "tile_size[1]": "optim.tilesizey",
+    "tile_batch": "optim.tilebatch",
+    "device": "--device",
+    "resume": "--resume",
+    "workers": "--workers",
+    "scheduler": "--dask-scheduler",
+}
 
 
 def parse_user_placeholders(entries: Sequence[str]) -> dict[str, np.ndarray]:
@@ -90,7 +121,7 @@ class TensorflowModelServe(App):
     supports_cluster = True
     supports_resume = True
     supports_device = True
-    spelling = MODEL_SOURCE_NAMES
+    spelling = SERVE_NAMES
     source_params = (
         Param("il", "paths", "input image(s), stacked as bands", required=True),
         Param("rfieldx", "int", "receptive field width in this source's pixels "
@@ -179,8 +210,8 @@ class TensorflowModelServe(App):
             output_names=list(self.get("output.names") or ()),
             fullyconv=self.get("model.fullyconv"),
             spcscale=spcscale,
-            efield=None if ex is None else (ex, ey or ex),
-            tile_size=None if tx is None else (tx, ty or tx),
+            efield=xy_pair(ex, ey),
+            tile_size=xy_pair(tx, ty),
             box=out.ext.box,
             pixel_type=out.pixel_type,
             background=self.get("output.bv"),

@@ -153,7 +153,7 @@ class TorchEngine(Engine):
     kind = "PyTorch model"
     layout = "nchw"
 
-    def __init__(self, model: Any, parameter: str = "model.dir", device: str = "auto",
+    def __init__(self, model: Any, parameter: str = "model", device: str = "auto",
                  output_names: Sequence[str] | None = None,
                  input_keys: Mapping[str, Sequence[str]] | None = None) -> None:
         path = os.fspath(model) if isinstance(model, str | os.PathLike) else "<memory>"
@@ -190,7 +190,7 @@ class TorchEngine(Engine):
         named = name_outputs(result, self._output_names)
         missing = [k for k in outputs if k not in named]
         if missing:
-            raise ModelError(f"output.names: the PyTorch model {self.path} returned "
+            raise ModelError(f"output_names: the PyTorch model {self.path} returned "
                              f"{', '.join(sorted(named))}, not {', '.join(missing)} (name a "
                              "tensor or tuple's outputs with output_names= when loading it)")
         return {k: named[k].detach().cpu().numpy() for k in outputs}

@@ -93,7 +93,7 @@ def _flat(slots: Sequence[Slot]) -> list[str]:
     names = [n for s in slots for n in ((s,) if isinstance(s, str) else s)]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
-        raise ModelError(f"model.dir: the PyTorch model's inputs are named {dupes} more than "
+        raise ModelError(f"model: the PyTorch model's inputs are named {dupes} more than "
                          "once (argument names and dict keys)")
     return names
 
@@ -294,7 +294,7 @@ def script_interface(module: torch.jit.ScriptModule,
             keys = [_constant(n.inputsAt(1)) for n in nodes if n.kind() == "aten::__getitem__"
                     and n.inputsAt(0).unique() == value.unique()]
             if not keys or not all(isinstance(k, str) for k in keys):
-                raise ModelError(f"model.dir: cannot find the keys of the dict argument "
+                raise ModelError(f"model: cannot find the keys of the dict argument "
                                  f"{arg.name!r} of the TorchScript forward (not indexed with "
                                  "constant strings)")
             slots.append(tuple(dict.fromkeys(keys)))

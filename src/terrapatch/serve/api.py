@@ -62,9 +62,9 @@ def serve(
     rounding
         Round instead of truncating when converting to an integer pixel type.
     background
-        Value of tiles skipped because a source's input is entirely nodata
-        (``output.bv``), also written as the output's nodata value. None: skipped tiles
-        are 0 and the output has no nodata value (so class 0 stays visible).
+        Value of tiles skipped because a source's input is entirely nodata, also
+        written as the output's nodata value. None: skipped tiles are 0 and the output
+        has no nodata value (so class 0 stays visible).
     creation_options
         GDAL creation options overriding the defaults (tiled, DEFLATE, BIGTIFF=IF_SAFER).
     quiet

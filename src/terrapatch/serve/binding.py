@@ -24,7 +24,7 @@ __all__ = ["resolve_inputs", "resolve_outputs"]
 def resolve_inputs(engine: Engine, sources: Sequence[Source],
                     user_inputs: Mapping[str, np.ndarray]) -> list[str]:
     """Model input of each source; unnamed sources take the remaining inputs alphabetically."""
-    users = {engine.resolve_input(k, "model.userplaceholders") for k in user_inputs}
+    users = {engine.resolve_input(k, "user_placeholders") for k in user_inputs}
     named: list[str | None] = []
     for s in sources:
         if s.placeholder:
@@ -51,8 +51,8 @@ def resolve_inputs(engine: Engine, sources: Sequence[Source],
     unfed = [n for n in engine.input_names if n not in names and n not in users]
     if unfed:
         raise ModelError(
-            f"model.dir: model input(s) {unfed} are fed by no source and no "
-            "model.userplaceholders entry"
+            f"model: model input(s) {unfed} are fed by no source and no "
+            "user_placeholders entry"
         )
     return names
 
@@ -65,7 +65,7 @@ def resolve_outputs(engine: Engine, output_names: Sequence[str] | str | None) ->
     if not names:
         first = sorted(engine.output_names)[0]
         if len(engine.output_names) > 1:
-            logger.warning("output.names not given: serving %r, the first of the model outputs "
+            logger.warning("output_names not given: serving %r, the first of the model outputs "
                            "%s in alphabetical order", first, sorted(engine.output_names))
         return [first]
-    return [engine.resolve_output(n, "output.names") for n in names]
+    return [engine.resolve_output(n, "output_names") for n in names]

@@ -56,7 +56,7 @@ def _model_stamp(model: str) -> tuple[int, int]:
         stat = path.stat()
     except OSError:
         raise ModelError(
-            f"model.dir: {model!r} does not exist on worker {worker_name()} (the model must "
+            f"model: {model!r} does not exist on worker {worker_name()} (the model must "
             "be visible to every worker at the same path)"
         ) from None
     return (stat.st_mtime_ns, stat.st_size)
@@ -149,7 +149,7 @@ def _open_readers_here(runner: TileRunner, where: str) -> list[SourceReader]:
             for path in source.paths:
                 if not is_remote(path) and not os.path.exists(path):
                     raise InputError(
-                        f"{source.name}.il: {path!r} does not exist on worker "
+                        f"{source.name}: {path!r} does not exist on worker "
                         f"{where} (the rasters must be visible to every worker at "
                         "the same path)"
                     )

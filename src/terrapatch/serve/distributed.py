@@ -134,7 +134,7 @@ def movable_runner(runner: TileRunner, model_path: str | None) -> TileRunner:
     """
     if model_path is None:
         raise InputError(
-            "model.dir: serving on a Dask cluster needs the model as a SavedModel "
+            "model: serving on a Dask cluster needs the model as a SavedModel "
             "directory, .keras or .onnx file every worker can read; got an "
             "in-memory model"
         )
@@ -163,13 +163,13 @@ def model_files(model: str) -> list[Path]:
 
 def worker_paths(runner: TileRunner) -> dict[str, str]:
     """Paths every worker must see (a SavedModel's ``saved_model.pb`` too) → parameter."""
-    paths = {p: f"{s.name}.il" for s in runner.sources for p in s.paths}
+    paths = {p: f"{s.name}.paths" for s in runner.sources for p in s.paths}
     if runner.model is not None:
-        paths[runner.model] = "model.dir"
+        paths[runner.model] = "model"
         if os.path.isdir(runner.model):  # the graph must be there (named even when gone here)
             graph = savedmodel_graph(runner.model) or os.path.join(runner.model,
                                                                    "saved_model.pb")
-            paths[os.fspath(graph)] = "model.dir"
+            paths[os.fspath(graph)] = "model"
     return paths
 
 

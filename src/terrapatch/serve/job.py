@@ -394,8 +394,9 @@ def check_map_output(out: str | os.PathLike[str], sources: Sequence[Any], model:
                      output_format: str | None = None,
                      creation_options: Mapping[str, str] | None = None) -> None:
     """:func:`terrapatch.writer.check_outputs` for a map: the sources and model are inputs."""
-    inputs: dict[str, Any] = {f"{s.name}.il": s.paths for s in sources if isinstance(s, Source)}
+    inputs: dict[str, Any] = {f"{s.name}.paths": s.paths for s in sources
+                              if isinstance(s, Source)}
     if isinstance(model, str | os.PathLike):
-        inputs["model.dir"] = model
+        inputs["model"] = model
     check_outputs({"out": Output(out, "map", output_format, dict(creation_options or {}))},
                   inputs)

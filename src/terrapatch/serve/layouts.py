@@ -27,7 +27,7 @@ __all__ = ["LAYOUTS", "ChannelsFirstEngine", "detect_layout", "layout_known", "w
 LAYOUTS = ("nhwc", "nchw")
 
 
-def check_layout(value: Any, parameter: str = "model.layout") -> str | None:
+def check_layout(value: Any, parameter: str = "model_layout") -> str | None:
     """Normalise a layout name (None stays None: detect it), or raise naming ``parameter``."""
     if value is None or value == "":
         return None
@@ -72,7 +72,7 @@ def detect_layout(engine: Engine, sources: Sequence[Source], input_names: Sequen
         shape = shapes[name]
         if shape is not None and len(shape) != 4:
             raise ModelError(
-                f"model.dir: model input {engine.inputs[name].describe()} is not an image batch "
+                f"model: model input {engine.inputs[name].describe()} is not an image batch "
                 "(rank 4: [batch, rows, cols, bands] or [batch, bands, rows, cols])"
             )
     fits = {layout: [_fits(shapes[n], -1 if layout == "nhwc" else 1, s.bands)
@@ -84,8 +84,8 @@ def detect_layout(engine: Engine, sources: Sequence[Source], input_names: Sequen
                                  strict=True):
             if ok is False or (ok is None and alt):
                 raise InputError(
-                    f"model.layout: {override} contradicts the model: input "
-                    f"{engine.inputs[n].describe()} has no {s.bands} channel(s) of {s.name}.il "
+                    f"model_layout: {override} contradicts the model: input "
+                    f"{engine.inputs[n].describe()} has no {s.bands} channel(s) of {s.name} "
                     f"there; terrapatch would feed {_describe_feed(s, override)}"
                 )
         return override
@@ -103,16 +103,16 @@ def detect_layout(engine: Engine, sources: Sequence[Source], input_names: Sequen
             raise InputError(_mismatch(engine, s, n))
     if len(votes) > 1:
         raise InputError(
-            "model.layout: the model's inputs disagree (some channels last, some channels "
+            "model_layout: the model's inputs disagree (some channels last, some channels "
             f"first: {', '.join(engine.inputs[n].describe() for n in input_names)}); "
-            "give model.layout"
+            "give model_layout"
         )
     if votes:
         return votes.pop()
     layout = engine.layout
     if both:  # every channel dimension fits both ways, e.g. [1, 3, 64, 3]
-        logger.warning("model.layout: the model's input shapes fit both nhwc and nchw; "
-                       "assuming %s (give model.layout to choose)", layout)
+        logger.warning("model_layout: the model's input shapes fit both nhwc and nchw; "
+                       "assuming %s (give model_layout to choose)", layout)
     return layout
 
 
@@ -123,7 +123,7 @@ def _mismatch(engine: Engine, source: Source, name: str) -> str:
     static = [(axis, shape[i]) for axis, i in (("channels last", -1), ("channels first", 1))
               if shape and shape[i] is not None]
     axis, channels = static[0]
-    return (f"{source.name}.il: {source.bands} band(s), but model input {name!r} expects "
+    return (f"{source.name}: {source.bands} band(s), but model input {name!r} expects "
             f"{channels} channel(s) ({info.describe()}, read {axis}); terrapatch would feed "
             f"{_describe_feed(source, 'nhwc')} or {_describe_feed(source, 'nchw')}")
 

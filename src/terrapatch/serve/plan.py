@@ -156,9 +156,9 @@ def prepare_serve(
         ``(startx, starty, sizex, sizey)`` in output-grid pixels: only that part is
         computed and written (cropped to the grid; no overlap is an error).
     user_placeholders
-        Extra constant model inputs, name → array (``model.userplaceholders``).
+        Extra constant model inputs, name → array.
     disable_tiling
-        Compute the whole box as one tile (``optim.disabletiling``).
+        Compute the whole box as one tile.
     engine
         An already loaded engine to run instead of opening ``model``.
     model_layout
@@ -217,7 +217,7 @@ def prepare_serve(
         engine = load_engine(model, device=device)
     model_path = model if isinstance(model, str | os.PathLike) else None
     user_inputs = {k: np.asarray(v) for k, v in (user_placeholders or {}).items()}
-    user_inputs = {engine.resolve_input(k, "model.userplaceholders"): v
+    user_inputs = {engine.resolve_input(k, "user_placeholders"): v
                    for k, v in user_inputs.items()}
     input_names = resolve_inputs(engine, sources, user_inputs)
     layout_guessed = model_layout is None and not layout_known(engine, input_names)
@@ -227,16 +227,16 @@ def prepare_serve(
     coverage = _check_coverage(coverage)
     pad = _check_padding(padding)
     if threshold is not None and not argmax:
-        raise InputError(f"output.threshold: {threshold!r} needs output.argmax (the threshold "
+        raise InputError(f"threshold: {threshold!r} needs argmax=True (the threshold "
                          "applies to the highest class score)")
     post = Argmax(threshold, below_threshold) if argmax else None
     given_margin = _margin(margin)
-    spcscale = scale_value(check_spcscale(spcscale, "output.spcscale"))
-    ef = optional_pair(efield, ("output.efieldx", "output.efieldy"))
+    spcscale = scale_value(check_spcscale(spcscale))
+    ef = optional_pair(efield, "efield")
     if not fullyconv and ef not in (None, (1, 1)):
         raise InputError(
-            f"output.efieldx/y: {ef[0]}×{ef[1]} in patch-based mode; each patch gives one output "
-            "pixel, so the expression field must be 1 (use model.fullyconv for larger ones)"
+            f"efield: {ef[0]}×{ef[1]} in patch-based mode; each patch gives one output "
+            "pixel, so the expression field must be 1 (use fullyconv=True for larger ones)"
         )
     names = [s.name for s in sources]
     given = [s.patch_size for s in sources]
@@ -310,20 +310,19 @@ def prepare_serve(
         size = (crop[2] + ex, crop[3] + ey)
     else:
         default = DEFAULT_TILE_FCN if fullyconv else _pb_default_tile(sources, geometry)
-        size = optional_pair(tile_size, ("optim.tilesizex", "optim.tilesizey")) or (default,
-                                                                                   default)
+        size = optional_pair(tile_size, "tile_size") or (default, default)
     if given_margin is not None and any(m > t for m, t in zip(given_margin, size,
                                                                  strict=True)):
-        raise InputError(f"output.margin: {given_margin[0]} px is larger than the tile "
-                         f"({size[0]}×{size[1]} px); give a larger optim.tilesizex/y")
+        raise InputError(f"margin: {given_margin[0]} px is larger than the tile "
+                         f"({size[0]}×{size[1]} px); give a larger tile_size")
     if any(m > t for m, t in zip(margin_px, size, strict=True)):
         enlarged = (max(size[0], 2 * margin_px[0]), max(size[1], 2 * margin_px[1]))
-        logger.warning("optim.tilesizex/y %d×%d enlarged to %d×%d, twice the measured halo "
+        logger.warning("tile_size: %d×%d enlarged to %d×%d, twice the measured halo "
                        "of %d px", *size, *enlarged, margin_px[0])
         size = enlarged
     adjusted = align_size(size, geometry.efield)
     if adjusted != size and not disable_tiling:
-        logger.warning("optim.tilesizex/y %d×%d enlarged to %d×%d, a multiple of the "
+        logger.warning("tile_size: %d×%d enlarged to %d×%d, a multiple of the "
                        "expression field %d×%d", *size, *adjusted, ex, ey)
     tiles = plan_tiles(out_grid.width, out_grid.height, crop, adjusted, geometry.efield,
                        margin=margin_px, computed=layout.computed_size)
@@ -338,7 +337,7 @@ def prepare_serve(
 
 
 def _tile_batch(value: int | None, device: str) -> int:
-    """Tiles per model call (fully-convolutional), or raise naming optim.tilebatch.
+    """Tiles per model call (fully-convolutional), or raise naming ``tile_batch``.
 
     Default: :data:`GPU_TILE_BATCH` when the engine runs on a GPU, else 1 (a CPU is
     as busy with one tile as with several).
@@ -346,7 +345,7 @@ def _tile_batch(value: int | None, device: str) -> int:
     if value is None:
         return GPU_TILE_BATCH if device == "cuda" else 1
     if isinstance(value, bool) or int(value) != value or value < 1:
-        raise InputError(f"optim.tilebatch: {value!r} must be an integer ≥ 1")
+        raise InputError(f"tile_batch: {value!r} must be an integer ≥ 1")
     return int(value)
 
 
@@ -360,43 +359,43 @@ def _layout_hint(guessed: bool, layout: str) -> Iterator[None]:
             raise
         other = "nchw" if layout == "nhwc" else "nhwc"
         raise ModelError(f"{exc}; the model's inputs have no static channel dimension, so "
-                         f"terrapatch assumed {layout}: give model.layout {other} if the "
+                         f"terrapatch assumed {layout}: give model_layout={other!r} if the "
                          "model takes the other layout") from None
 
 
 def _check_coverage(value: str | None) -> str | None:
-    """``inset``, ``full`` or None (chosen from the model), or raise naming output.coverage."""
+    """``inset``, ``full`` or None (chosen from the model), or raise naming ``coverage``."""
     if value is None:
         return None
     text = str(value).lower()
     if text not in COVERAGES:
-        raise InputError(f"output.coverage: {value!r} is not one of {', '.join(COVERAGES)}")
+        raise InputError(f"coverage: {value!r} is not one of {', '.join(COVERAGES)}")
     return text
 
 
 def _check_padding(value: str | float) -> str | float:
-    """``reflect`` or a finite constant, or raise naming output.padding."""
+    """``reflect`` or a finite constant, or raise naming ``padding``."""
     if isinstance(value, str):
         if value.lower() == "reflect":
             return "reflect"
         try:
             value = float(value)
         except ValueError:
-            raise InputError(f"output.padding: {value!r} is neither reflect nor a "
+            raise InputError(f"padding: {value!r} is neither reflect nor a "
                              "number") from None
     number = float(value)
     if not math.isfinite(number):
-        raise InputError(f"output.padding: {value!r} must be finite or reflect")
+        raise InputError(f"padding: {value!r} must be finite or reflect")
     return number
 
 
 def _margin(value: int | Sequence[int] | None) -> tuple[int, int] | None:
-    """A margin ``(mx, my)`` ≥ 0 from one value or a pair, or raise naming output.margin."""
+    """A margin ``(mx, my)`` ≥ 0 from one value or a pair, or raise naming ``margin``."""
     if value is None:
         return None
     items = [value] if isinstance(value, int | float | np.number) else list(value)
     if len(items) not in (1, 2) or any(int(v) != v or v < 0 for v in items):
-        raise InputError(f"output.margin: {value!r} must be an integer number of pixels ≥ 0 "
+        raise InputError(f"margin: {value!r} must be an integer number of pixels ≥ 0 "
                          "(or a pair)")
     pair = (int(items[0]), int(items[-1]))
     return pair
@@ -411,19 +410,19 @@ def _measured_margin(engine: Engine, sources: Sequence[Source], input_names: Seq
                                  user_inputs, steps, efield=efield)
     if halo is None and "reached" in problem:
         raise ModelError(
-            f"model.dir: the model's output keeps its input size (same padding), but {problem}; "
-            f"give output.margin (e.g. {2 * HALO_LIMIT}) or serve with "
-            "optim.disabletiling"
+            f"model: the model's output keeps its input size (same padding), but {problem}; "
+            f"give margin={2 * HALO_LIMIT} or serve with "
+            "disable_tiling=True"
         )
     if halo is None:
-        logger.warning("output.margin: the halo of this same-padded model could not be "
+        logger.warning("margin: the halo of this same-padded model could not be "
                        "measured (%s): tiles do not overlap, and pixels near tile edges may "
-                       "differ from the model applied to the whole image; give output.margin",
+                       "differ from the model applied to the whole image; give margin=N (pixels)",
                        problem)
         return (0, 0)
     if halo:
         logger.info("same-padded model: halo measured %d px; tiles overlap by %d px and crop "
-                    "it (output.margin to override)", halo, halo)
+                    "it (give margin=N to override)", halo, halo)
     return (halo, halo)
 
 

@@ -57,11 +57,14 @@ class ModelGeometry:
     spcscale: int | Fraction
 
     def describe(self, names: Sequence[str]) -> str:
-        """OTBTF parameter spelling, e.g. ``source1.rfieldx/y=8/8, ..., output.spcscale=1``."""
-        parts = [f"{n}.rfieldx/y={rx}/{ry}" for n, (rx, ry) in zip(names, self.fields,
-                                                                   strict=True)]
-        parts.append(f"output.efieldx/y={self.efield[0]}/{self.efield[1]}")
-        parts.append(f"output.spcscale={format_scale(self.spcscale)}")
+        """As keyword arguments: ``source1.patch_size=(8, 8), ..., efield=(1, 1), spcscale=1``.
+
+        Neutral identifiers, which a facade respells (:mod:`terrapatch.spelling`).
+        """
+        parts = [f"{n}.patch_size=({rx}, {ry})" for n, (rx, ry) in zip(names, self.fields,
+                                                                       strict=True)]
+        parts.append(f"efield=({self.efield[0]}, {self.efield[1]})")
+        parts.append(f"spcscale={format_scale(self.spcscale)}")
         return ", ".join(parts)
 
 
@@ -200,8 +203,8 @@ def _derive(prober: Prober, steps: ServingSteps,
             if ratio.denominator == 1 and ratio > 1:
                 raise _NoGeometry(
                     f"the model emits {ratio} output pixels per input pixel, finer than "
-                    f"output.spcscale={format_scale(spcscale)} (a super-resolution model? try "
-                    f"output.spcscale={format_scale(Fraction(spcscale) / ratio)})")
+                    f"spcscale={format_scale(spcscale)} (a super-resolution model? try "
+                    f"spcscale={format_scale(Fraction(spcscale) / ratio)})")
     if efield is None:
         raise _NoGeometry("the model accepts no larger input in the ratio of the spacings")
     if not fullyconv:
@@ -248,7 +251,7 @@ def derive_geometry(engine: Engine, sources: Sequence[Source], input_names: Sequ
     if steps is None:
         spacings = ", ".join(f"{n} {g.spacing[0]:g}" for n, g in zip(names, grids, strict=True))
         raise ModelError(
-            f"output.spcscale: cannot derive receptive fields with "
+            f"spcscale: cannot derive receptive fields with "
             f"spcscale={format_scale(spcscale)}: the source spacings ({spacings}) and the "
             f"output spacing {float(spcscale) * grids[0].spacing[0]:g} have no common "
             f"multiple of a few pixels; {spcscale_hint(grids)}"
@@ -260,9 +263,9 @@ def derive_geometry(engine: Engine, sources: Sequence[Source], input_names: Sequ
         return _derive(prober, steps, static, fullyconv, spcscale)
     except _NoGeometry as exc:
         raise ModelError(
-            f"model.dir: cannot derive the receptive fields from the model {engine.path} "
-            f"with output.spcscale={format_scale(spcscale)}: {exc}; give sourceK.rfieldx/y "
-            "(and output.efieldx/y)"
+            f"model: cannot derive the receptive fields from the model {engine.path} "
+            f"with spcscale={format_scale(spcscale)}: {exc}; give sourceK.patch_size "
+            "(and efield)"
         ) from None
 
 

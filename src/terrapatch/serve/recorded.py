@@ -100,7 +100,7 @@ def _check_bands(source: Source, item: ContractInput) -> None:
     if item.band_names:
         shown = list(item.band_names[:3]) + (["…"] if len(item.band_names) > 3 else [])
         listed = f" ({', '.join(shown)})"
-    raise InputError(f"{source.name}.il: the model's contract expects {item.bands} bands"
+    raise InputError(f"{source.name}: the model's contract expects {item.bands} bands"
                      f"{listed} for {item.placeholder!r}, the raster has {source.bands}")
 
 

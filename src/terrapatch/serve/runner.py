@@ -70,7 +70,7 @@ class TileRunner:
     fullyconv
         Fully-convolutional mode (else patch-based).
     user_inputs
-        Extra constant model inputs (``model.userplaceholders``).
+        Extra constant model inputs.
     model
         Path of the model, used by :meth:`__call__` to open an engine where none is given.
     model_layout
@@ -244,7 +244,7 @@ class TileRunner:
                                           and array.shape[1:3] != (height, width)):
                 mode = "fully-convolutional" if self.fullyconv else "patch-based"
                 raise ModelError(
-                    f"output.names: output {name!r} has shape {tuple(array.shape)} for a "
+                    f"output_names: output {name!r} has shape {tuple(array.shape)} for a "
                     f"{width}×{height}-pixel tile in {mode} mode; expected {expected} values "
                     f"({height}×{width}×{channels})"
                 )

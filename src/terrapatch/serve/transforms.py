@@ -133,9 +133,9 @@ class Argmax:
     def __post_init__(self) -> None:
         t = self.threshold
         if t is not None and not (np.isfinite(t) and 0.0 <= float(t) <= 1.0):
-            raise InputError(f"output.threshold: {t!r} must lie in [0, 1]")
+            raise InputError(f"threshold: {t!r} must lie in [0, 1]")
         if not np.isfinite(self.below):
-            raise InputError(f"output.belowvalue: {self.below!r} must be finite")
+            raise InputError(f"below_threshold: {self.below!r} must be finite")
 
     def __call__(self, scores: np.ndarray) -> np.ndarray:
         """``(rows, cols, 1)`` classes of ``(rows, cols, channels)`` scores."""
