@@ -223,3 +223,14 @@ def test_export_records_the_contract_and_serving_needs_nothing_else(exported, tm
         main([str(exported["keras"]), "--onnx", str(tmp_path / "x.onnx"), "--source",
               f"input_10m={scene.img_10m}", "--rfield", "input_30m=4"])
     assert not (tmp_path / "x.onnx").exists()
+    # the API's neutral names read as the command's options, and the sources are checked
+    # before the export writes anything
+    for extra, message in (
+            (["--source", f"input_10m={scene.img_10m}", "--rfield", "input_10m=0"],
+             r"^--rfield: 0 must be ≥ 1"),
+            (["--source", f"input_10m={tmp_path}/none.tif"], r"^--source: file .*none.tif"),
+            (["--source", f"input_10m={scene.img_10m}", "--rfield", "input_10m=a"],
+             r"^--rfield: input_10m='a' is not a number")):
+        with pytest.raises(InputError, match=message):
+            main([str(exported["keras"]), "--onnx", str(tmp_path / "x.onnx"), *extra])
+        assert not (tmp_path / "x.onnx").exists()

@@ -144,8 +144,8 @@ def one_line_error(stderr: str) -> str:
 def test_import_terrapatch_loads_no_tensorflow():
     done = run_child(f"""
         import sys, terrapatch, terrapatch.extraction, terrapatch.serve, terrapatch.cli
-        import terrapatch.engines, terrapatch.report, terrapatch.export, terrapatch.demo
-        import terrapatch.apps, terrapatch.cluster
+        import terrapatch.engines, terrapatch.report, terrapatch.export
+        import terrapatch.apps, terrapatch.cluster, terrapatch.cli.demo_workflow
         from terrapatch.engines import load_engine
         from terrapatch.errors import ModelError
         try:

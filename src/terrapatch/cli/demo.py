@@ -1,17 +1,18 @@
-"""The ``terrapatch demo`` command: its options, passed to :func:`terrapatch.demo.run_demo`."""
+"""The ``terrapatch demo`` command: its options, passed to :func:`.demo_workflow.run_demo`."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from terrapatch.cli.parsing import CommandParser, option_errors
+from terrapatch.cli.parsing import CommandParser
+from terrapatch.spelling import respelled
 
 __all__ = ["main"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``terrapatch demo [OUTDIR] [--size N] [--epochs N] [--quiet]``; returns the exit code."""
-    from terrapatch.demo import MAX_SIZE, MIN_SIZE, run_demo
+    from terrapatch.cli.demo_workflow import MAX_SIZE, MIN_SIZE, run_demo
 
     parser = CommandParser(prog="terrapatch demo",
                            description="The seed's whole workflow on a synthetic scene.")
@@ -21,5 +22,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=12, help="training epochs per model")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(list(argv or []))
-    with option_errors({"size": "--size", "epochs": "--epochs"}):
+    with respelled({"size": "--size", "epochs": "--epochs"}):
         return run_demo(args.outdir, args.size, args.epochs, args.quiet)

@@ -14,9 +14,11 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Sequence
+from typing import Any
 
-from terrapatch.cli.parsing import CommandParser, option_errors
+from terrapatch.cli.parsing import CommandParser
 from terrapatch.errors import InputError
+from terrapatch.spelling import SOURCE, respelled
 
 __all__ = ["main"]
 
@@ -60,6 +62,17 @@ def _parser() -> CommandParser:
     return parser
 
 
+#: The options of ``terrapatch export``, for the neutral identifiers the API names.
+EXPORT_NAMES = {
+    "savedmodel": "--savedmodel", "onnx": "--onnx", "spcscale": "--spcscale",
+    "efield": "--efield", "efield[0]": "--efield", "efield[1]": "--efield",
+    "output_names": "--output", "classes": "--classes", SOURCE: "--source",
+    f"{SOURCE}.paths": "--source", f"{SOURCE}.patch_size": "--rfield",
+    f"{SOURCE}.patch_size[0]": "--rfield", f"{SOURCE}.patch_size[1]": "--rfield",
+    f"{SOURCE}.nodata": "--nodata", f"{SOURCE}.placeholder": "--source",
+}
+
+
 def _keyed(items: Sequence[str], option: str) -> dict[str, str]:
     """``PLACEHOLDER=VALUE`` items as a dict, or a one-line error naming the option."""
     pairs = {}
@@ -85,20 +98,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         unknown = sorted(set(values) - {p for p, _ in sources})
         if unknown:
             raise InputError(f"--{name}: {', '.join(unknown)} is not a --source placeholder")
-    written = export_model(args.model, savedmodel=args.savedmodel, onnx=args.onnx,
-                           opset=args.opset)
-    for kind, path in written.items():
-        print(f"{kind}: {os.fspath(path)}")
-    if sources:
-        _record(args, sources, options, list(written.values()))
+    with respelled(EXPORT_NAMES):
+        recorded = _contract_inputs(args, sources, options) if sources else None
+        written = export_model(args.model, savedmodel=args.savedmodel, onnx=args.onnx,
+                               opset=args.opset)
+        for kind, path in written.items():
+            print(f"{kind}: {os.fspath(path)}")
+        if recorded is not None:
+            _record(args, recorded, list(written.values()))
     return 0
 
 
-def _record(args: argparse.Namespace, sources: list[tuple[str, str]],
-            options: dict[str, dict[str, str]], models: list[os.PathLike[str]]) -> None:
-    """Plan a run of the first export on the sources; record the contract in every export."""
+def _contract_inputs(args: argparse.Namespace, sources: list[tuple[str, str]],
+                     options: dict[str, dict[str, str]]) -> dict[str, Any]:
+    """The sources and what the contract records of them, checked before anything is written.
+
+    Returns :func:`~terrapatch.serve.describe.record_contract`'s keywords for them.
+    """
     from terrapatch.raster import Source
-    from terrapatch.serve.describe import read_classes, record_contract
+    from terrapatch.serve.describe import read_classes
     from terrapatch.serve.transforms import Normalization
 
     def number(name: str, placeholder: str) -> float | None:
@@ -110,21 +128,29 @@ def _record(args: argparse.Namespace, sources: list[tuple[str, str]],
 
     rasters = []
     for k, (placeholder, path) in enumerate(sources):
-        rf = options["rfield"].get(placeholder)
-        rasters.append(Source(path, None if rf is None else int(float(rf)),
-                              nodata=number("nodata", placeholder), placeholder=placeholder,
-                              name=f"source{k + 1}"))
+        rf = number("rfield", placeholder)
+        source = Source(path, None if rf is None else int(rf), nodata=number("nodata", placeholder),
+                        placeholder=placeholder, name=f"source{k + 1}")
+        _ = source.grid  # the rasters exist and are georeferenced
+        rasters.append(source)
     scales = [number("scale", p) for p, _ in sources]
-    bands = [None if p not in options["bands"] else options["bands"][p].split(",")
-             for p, _ in sources]
-    classes = read_classes(args.classes) if args.classes else None
-    with option_errors({"spcscale": "--spcscale", "efield": "--efield",
-                        "output_names": "--output"}):
-        contract = record_contract(
-            models, rasters, args.output or None, classes=classes,
-            band_names=bands, name=args.name, fullyconv=args.fullyconv,
-            spcscale=args.spcscale, efield=args.efield,
-            normalization=[None if s is None else Normalization(scale=s) for s in scales])
+    return {
+        "sources": rasters,
+        "band_names": [None if p not in options["bands"] else options["bands"][p].split(",")
+                       for p, _ in sources],
+        "classes": read_classes(args.classes) if args.classes else None,
+        "normalization": [None if s is None else Normalization(scale=s) for s in scales],
+    }
+
+
+def _record(args: argparse.Namespace, recorded: dict[str, Any],
+            models: list[os.PathLike[str]]) -> None:
+    """Plan a run of the first export on the sources; record the contract in every export."""
+    from terrapatch.serve.describe import record_contract
+
+    contract = record_contract(models, output_names=args.output or None, name=args.name,
+                               fullyconv=args.fullyconv, spcscale=args.spcscale,
+                               efield=args.efield, **recorded)
     fields = ", ".join(f"{i.placeholder} rf {i.receptive_field[0]}" for i in contract.inputs)
     print(f"contract: {fields}; efield {contract.outputs[0].expression_field[0]}, "
           f"spcscale {contract.outputs[0].spcscale:g} ({contract.kind})")
