@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import logging
 import os
+import unittest
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -26,10 +30,16 @@ from terrapatch.apps import (  # noqa: E402
 )
 from terrapatch.cli import main  # noqa: E402
 from terrapatch.engines import OnnxEngine  # noqa: E402
-from terrapatch.errors import InputError, MissingInputError, ModelError  # noqa: E402
+from terrapatch.errors import (  # noqa: E402
+    InputError,
+    MissingInputError,
+    ModelError,
+    TerrapatchError,
+)
 from terrapatch.extraction import extract_patches  # noqa: E402
 from terrapatch.patches import read_patches  # noqa: E402
 from terrapatch.raster import Source  # noqa: E402
+from terrapatch.spelling import SOURCE  # noqa: E402
 from terrapatch.testing import (  # noqa: E402
     assert_same_map,
     assert_same_values,
@@ -118,12 +128,13 @@ def test_feature_output_of_wrong_rank_is_refused(data, tmp_path):
     path = _write(tmp_path / "rank3.onnx", "rank3", nodes, [],
                   {"x": (TensorProto.UINT16, [None, None, None, 4])},
                   {"mean": [None, None, None]})
-    with pytest.raises(ModelError, match=r"^output\.names: feature output mean .* rank 3"):
+    with pytest.raises(ModelError, match=r"^feature_output: mean .* rank 3"):
         D.open_feature_model(_s10(data["scene"], 3), path)
 
 
 def test_feature_output_must_give_one_vector_per_patch(data):
-    with pytest.raises(ModelError, match=r"^output\.names: .*\(2, 3, 3, 8\).*rfieldx/y"):
+    with pytest.raises(ModelError,
+                       match=r"^feature_output: .*\(2, 3, 3, 8\).*sourceK\.patch_size"):
         D.open_feature_model(_s10(data["scene"], 7), data["f8"])
 
 
@@ -369,6 +380,11 @@ BAD = [
      "one vector per patch"),
     ([*TRAIN, "-classifier", "knn", "-classifier.knn.k", "100000", "-out", "{bad}/c.skops"],
      "classifier", "n_neighbors"),
+    ([*TRAIN, "-output.spcscale", "1.5", "-out", "{bad}/c.skops"], "output.spcscale",
+     "not a positive integer"),
+    ([*TRAIN, "-sample.mt", "0", "-out", "{bad}/c.skops"], "sample.mt", "nothing to train on"),
+    ([*CLASSIFY, "-deepmodel.userplaceholders", "nope", "-out", "{bad}/m.tif"],
+     "deepmodel.userplaceholders", "name=value"),
 ]
 
 
@@ -385,6 +401,114 @@ def test_cli_errors(data, bad_files, capsys, argv, parameter, contains):
     assert err[0].startswith(f"terrapatch {argv[0]}: error: {parameter}:"), err[0]
     assert contains in err[0], err[0]
     assert _snapshot(bad_files) == before  # nothing written, nothing left
+
+
+# ------------------------------------------------------------------ one vocabulary per layer
+
+
+def _message(call: Callable[[], object]) -> str:
+    """The message of the terrapatch error ``call`` raises."""
+    with pytest.raises(TerrapatchError) as info:
+        call()
+    return str(info.value)
+
+
+def _train(data, tmp_path, sources=None, **kwargs):
+    """The core's TrainClassifierFromDeepFeatures on the scene's training points."""
+    scene = data["scene"]
+    return D.train_deep_classifier(sources or _s10(scene), data["f8"], scene.points_train,
+                                   "class", tmp_path / "c.skops", params=RF, quiet=True,
+                                   **kwargs)
+
+
+def _train_app(data, tmp_path, **kwargs):
+    scene = data["scene"]
+    return TrainClassifierFromDeepFeatures(
+        source1_il=scene.img_10m, source1_nodata=0, model_dir=data["f8"],
+        vd=scene.points_train, classifier_rf_nbtrees=20, out=tmp_path / "c.skops",
+        quiet=True, **kwargs)
+
+
+def _classify(data, tmp_path, model):
+    return D.classify(_s10(data["scene"]), data[model] if model in data else tmp_path / model,
+                      data["clf"], tmp_path / "m.tif", quiet=True)
+
+
+def _classify_app(data, tmp_path, model):
+    return ImageClassifierFromDeepFeatures(
+        source1_il=data["scene"].img_10m, source1_nodata=0,
+        deepmodel_dir=data[model] if model in data else tmp_path / model, model=data["clf"],
+        out=tmp_path / "m.tif", quiet=True)
+
+
+#: The same bad input through the core and through its application: (core call, app
+#: call, [(neutral identifier as the core writes it, OTBTF key as the app writes it)]).
+SPELLINGS = {
+    "feature size": (functools.partial(_classify, model="f3"),
+                     functools.partial(_classify_app, model="f3"),
+                     [("classifier: ", "model: "),
+                      ("feature_output 'scores'", "output.names 'scores'")]),
+    "missing model": (functools.partial(_classify, model="none.onnx"),
+                      functools.partial(_classify_app, model="none.onnx"),
+                      [("model: ", "deepmodel.dir: ")]),
+    "receptive field": (lambda d, t: _train(d, t, _s10(d["scene"], 7)),
+                        lambda d, t: _train_app(d, t, source1_rfieldx=7),
+                        [("feature_output: ", "output.names: "),
+                         ("(sourceK.patch_size)", "(sourceK.rfieldx/y)")]),
+    "spcscale": (lambda d, t: _train(d, t, spcscale=1.5),
+                 lambda d, t: _train_app(d, t, output_spcscale=1.5),
+                 [("spcscale: ", "output.spcscale: ")]),
+    "max per class": (lambda d, t: _train(d, t, max_per_class=0),
+                      lambda d, t: _train_app(d, t, sample_mt=0),
+                      [("max_per_class: ", "sample.mt: ")]),
+}
+
+
+@pytest.mark.parametrize("case", list(SPELLINGS))
+def test_core_names_neutral_ids_and_the_app_otbtf_keys(data, tmp_path, case):
+    core_call, app_call, pairs = SPELLINGS[case]
+    core = _message(lambda: core_call(data, tmp_path))
+    app = _message(lambda: app_call(data, tmp_path))
+    assert core.startswith(pairs[0][0]) and app.startswith(pairs[0][1]), (core, app)
+    for neutral, otbtf in pairs:
+        assert neutral in core and otbtf not in core, core
+        core = core.replace(neutral, otbtf)
+    assert app == core  # the same message, in the application's vocabulary
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_validation_errors_name_valid(data, tmp_path):
+    """Validation points are sampled as ``vector``, but errors name them ``valid``."""
+    points = read_points(data["scene"].points_valid, "class")
+    far = PointSet(points.x + 1e6, points.y, points.labels, points.crs)
+    with pytest.raises(TerrapatchError, match=r"^valid: .*outside"):
+        _train(data, tmp_path, valid=far)
+
+
+@pytest.mark.parametrize("app", [TrainClassifierFromDeepFeatures,
+                                 ImageClassifierFromDeepFeatures])
+def test_every_spelling_is_a_parameter_of_the_application(app):
+    keys = set(app.all_keys(2)) | {"--workers", "--dask-scheduler"}
+    for neutral, spelled in app.spelling.items():
+        shown = spelled.replace(SOURCE, "source2").split(" (")[0]  # "out (pixel type)"
+        wanted = {shown[:-2], shown[:-3] + "y"} if shown.endswith("x/y") else {shown}
+        assert wanted <= keys, (neutral, spelled)
+
+
+def _kept_line(call: Callable[[], object]) -> str:
+    """The log line saying how many samples ``max_per_class`` kept."""
+    with unittest.TestCase().assertLogs("terrapatch", logging.INFO) as logs:
+        call()
+    lines = [r.getMessage() for r in logs.records if "samples kept" in r.getMessage()]
+    assert len(lines) == 1, logs.output
+    return lines[0]
+
+
+def test_log_records_name_neutral_ids_and_the_app_otbtf_keys(data, tmp_path):
+    core = _kept_line(lambda: _train(data, tmp_path, max_per_class=20))
+    app = _kept_line(lambda: _train_app(data, tmp_path, sample_mt=20))
+    assert core.startswith("max_per_class: ") and core.endswith("(at most 20 per class)")
+    assert app == core.replace("max_per_class: ", "sample.mt: ")
 
 
 # ------------------------------------------------------------------ real data

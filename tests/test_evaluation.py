@@ -21,8 +21,15 @@ from hypothesis.extra.numpy import arrays
 
 from terrapatch import evaluation
 from terrapatch.apps import ComputeConfusionMatrix
+from terrapatch.apps.evaluation import reference_names
 from terrapatch.cli import main
-from terrapatch.errors import CRSMismatchError, GeometryError, InputError, NoSamplesError
+from terrapatch.errors import (
+    CRSMismatchError,
+    GeometryError,
+    InputError,
+    NoSamplesError,
+    TerrapatchError,
+)
 from terrapatch.evaluation import ConfusionMatrix, confusion_matrix
 from terrapatch.testing import write_raster
 from terrapatch.testing.markers import requires_sklearn
@@ -224,7 +231,7 @@ def test_failed_run_keeps_an_existing_csv(pair, tmp_path) -> None:
     out = tmp_path / "cm.csv"
     out.write_text("old")
     bad = write_raster(tmp_path / "bad.tif", MAP.astype(np.float32) + 0.5, T10)
-    with pytest.raises(InputError, match=r"map: value 1.5"):
+    with pytest.raises(InputError, match=r"^map_path: value 1.5"):
         confusion_matrix(bad, pair[1], out=out)
     assert out.read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.tif", "cm.csv", "map.tif",
@@ -283,7 +290,7 @@ def test_grids_that_do_not_nest(tmp_path, transform, message) -> None:
 
 def test_no_overlap_and_crs(tmp_path, pair) -> None:
     far = write_raster(tmp_path / "far.tif", REF, Affine(10.0, 0, 9000.0, 0, -10.0, 5000.0))
-    with pytest.raises(GeometryError, match=r"reference: .* does not overlap map"):
+    with pytest.raises(GeometryError, match=r"^reference: .* does not overlap map_path"):
         confusion_matrix(pair[0], far)
     other = write_raster(tmp_path / "utm32.tif", REF, Affine(10.0, 0, 990.0, 0, -10.0, 5000.0),
                          crs="EPSG:32632")
@@ -315,23 +322,23 @@ def test_classes_only_in_the_map_warn(tmp_path, pair) -> None:
     m = write_raster(tmp_path / "m9.tif", prod, T10)
     with logged() as log:
         cm = confusion_matrix(m, pair[1], quiet=True)
-    assert "class(es) 9 of the map are absent from reference" in log.text()
+    assert "map_path: class(es) 9 of the map are absent from the reference" in log.text()
     assert cm.labels.tolist() == [1, 2, 3, 9] and cm.matrix[3].tolist() == [0, 0, 0, 0]
     assert cm.matrix[0].tolist() == [2, 0, 0, 1]
 
 
 def test_bad_rasters(tmp_path, pair) -> None:
     frac = write_raster(tmp_path / "frac.tif", MAP.astype(np.float32) / 2, T10)
-    with pytest.raises(InputError, match=r"map: value 0.5 of .*frac.tif' is not an integer"):
+    with pytest.raises(InputError, match=r"^map_path: value 0.5 of .*frac.tif' is not an integer"):
         confusion_matrix(frac, pair[1])
     with pytest.raises(InputError, match=r"reference: value 0.5 .* is not an integer"):
         confusion_matrix(pair[0], frac)
-    with pytest.raises(InputError, match=r"map: file .* does not exist"):
+    with pytest.raises(InputError, match=r"^map_path: file .* does not exist"):
         confusion_matrix(tmp_path / "none.tif", pair[1])
     empty = write_raster(tmp_path / "zeros.tif", np.zeros((4, 4), np.uint8), T10, nodata=0)
     with pytest.raises(NoSamplesError, match=r"reference: .* holds no label"):
         confusion_matrix(pair[0], empty)
-    with pytest.raises(NoSamplesError, match=r"map: no pixel .* holds a label"):
+    with pytest.raises(NoSamplesError, match=r"^map_path: no pixel .* holds a label"):
         confusion_matrix(empty, pair[1])
 
 
@@ -373,7 +380,7 @@ def test_bad_vectors(tmp_path, pair) -> None:
     with pytest.raises(CRSMismatchError, match=r"reference: CRS EPSG:4326 of layer"):
         confusion_matrix(pair[0], polygons(tmp_path / "w.gpkg", box, [1], crs="EPSG:4326"),
                          field="class")
-    with pytest.raises(GeometryError, match=r"reference: no feature .* overlaps map"):
+    with pytest.raises(GeometryError, match=r"^reference: no feature .* overlaps map_path"):
         confusion_matrix(pair[0], polygons(tmp_path / "far.gpkg", [shapely.box(0, 0, 1, 1)],
                                            [1]), field="class")
     tiny = polygons(tmp_path / "tiny.gpkg", [shapely.box(1001, 4991, 1002, 4992)], [1])
@@ -462,7 +469,7 @@ def test_cli_vector_writes_the_otb_csv(tmp_path, pair, capsys) -> None:
                      "-ref.vector.in", v, "-ref.vector.field", "class", "-out",
                      tmp_path / "cm.csv")
     assert code == 0
-    assert err == ["WARNING: in: class(es) 1, 2 of the map are absent from ref.vector.in "
+    assert err == ["WARNING: in: class(es) 1, 2 of the map are absent from the reference "
                    "(reported as rows of zeros)"]
     assert (tmp_path / "cm.csv").read_text() == (
         "#Reference labels (rows):1,2,3\n#Produced labels (columns):1,2,3\n"
@@ -485,6 +492,91 @@ def test_cli_help(capsys) -> None:
     text = capsys.readouterr().out
     for key in ("-ref.raster.in", "-ref.vector.field", "-nodatalabel", "-format", "-out"):
         assert key in text
+
+
+def _both(tmp_path: Path, map_path: Path, reference: Path, field: str | None = None
+          ) -> tuple[str, str]:
+    """The error of the same comparison through the core and through the application."""
+    out = tmp_path / "cm.csv"
+    with pytest.raises(TerrapatchError) as core:
+        confusion_matrix(map_path, reference, field=field, out=out, quiet=True)
+    kind = "raster" if field is None else "vector"
+    values = {"in": map_path, f"ref.{kind}.in": reference, "ref": kind, "out": out}
+    if field is not None:
+        values["ref.vector.field"] = field
+    with pytest.raises(TerrapatchError) as app:
+        ComputeConfusionMatrix(values, quiet=True)
+    assert not out.exists()
+    return str(core.value), str(app.value)
+
+
+def _bad_map(d: Path) -> tuple[Path, Path, None]:
+    return write_raster(d / "frac.tif", MAP.astype(np.float32) / 2, T10), d / "ref.tif", None
+
+
+def _no_nest(d: Path) -> tuple[Path, Path, None]:
+    shifted = write_raster(d / "shifted.tif", REF, Affine(10.0, 0, 1005.0, 0, -10.0, 5000.0))
+    return d / "map.tif", shifted, None
+
+
+def _other_crs(d: Path) -> tuple[Path, Path, None]:
+    other = write_raster(d / "utm32.tif", REF, Affine(10.0, 0, 990.0, 0, -10.0, 5000.0),
+                         crs="EPSG:32632")
+    return d / "map.tif", other, None
+
+
+def _no_field(d: Path) -> tuple[Path, Path, str]:
+    return d / "map.tif", polygons(d / "v.gpkg", [shapely.box(1000, 4980, 1020, 5000)],
+                                   [1]), "klass"
+
+
+def _vector_crs(d: Path) -> tuple[Path, Path, str]:
+    return d / "map.tif", polygons(d / "w.gpkg", [shapely.box(1000, 4980, 1020, 5000)], [1],
+                                   crs="EPSG:4326"), "class"
+
+
+#: The same bad input through the core and through the application: inputs, then
+#: [(neutral identifier as the core writes it, OTB key as the application writes it)].
+SPELLINGS = {
+    "map labels": (_bad_map, [("map_path: ", "in: ")]),
+    "grids": (_no_nest, [("reference: ", "ref.raster.in: "),
+                         ("grid of map_path", "grid of in")]),
+    "crs": (_other_crs, [("reference: ", "ref.raster.in: "), ("from map_path CRS", "from in CRS")]),
+    "field": (_no_field, [("field: ", "ref.vector.field: ")]),
+    "vector crs": (_vector_crs, [("reference: ", "ref.vector.in: "),
+                                 ("from map_path CRS", "from in CRS")]),
+}
+
+
+@pytest.mark.parametrize("case", list(SPELLINGS))
+def test_core_names_neutral_ids_and_the_app_otb_keys(tmp_path, pair, case) -> None:
+    inputs, pairs = SPELLINGS[case]
+    core, app = _both(tmp_path, *inputs(tmp_path))
+    assert core.startswith(pairs[0][0]) and app.startswith(pairs[0][1]), (core, app)
+    for neutral, otb in pairs:
+        assert neutral in core and otb not in core, core
+        core = core.replace(neutral, otb)
+    assert app == core   # the same message, in the application's vocabulary
+
+
+@pytest.mark.parametrize("kind", ["raster", "vector"])
+def test_every_spelling_is_a_parameter_of_the_application(kind) -> None:
+    table = {**ComputeConfusionMatrix.spelling, **reference_names(kind)}
+    assert set(table.values()) <= set(ComputeConfusionMatrix.all_keys(0))
+
+
+def test_log_records_name_neutral_ids_and_the_app_otb_keys(tmp_path, pair) -> None:
+    prod = MAP.copy()
+    prod[0, 0] = 9
+    m = write_raster(tmp_path / "m9.tif", prod, T10)
+    with logged() as core:
+        confusion_matrix(m, pair[1], quiet=True)
+    with logged() as app:
+        ComputeConfusionMatrix({"in": m, "ref.raster.in": pair[1], "out": tmp_path / "cm.csv"},
+                               quiet=True)
+    assert core.text() == ("map_path: class(es) 9 of the map are absent from the reference "
+                           "(reported as rows of zeros)")
+    assert app.text() == core.text().replace("map_path: ", "in: ")
 
 
 @pytest.mark.parametrize("extra, message", [

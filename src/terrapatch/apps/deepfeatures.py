@@ -7,14 +7,20 @@ composites: the ``sourceK.*``, ``model.*`` (``deepmodel.*`` in
 ``valid``, ``out``, ``sample.*``, ``classifier.*``, ``rand``) or ``ImageClassifier``
 keys (``model``, ``out``, ``nodatalabel``). The classifier is a scikit-learn
 estimator saved as a ``.skops`` file (see ``docs/deepfeatures.md``).
+
+The core names parameters by its keywords (:mod:`terrapatch.spelling`); each
+application's ``spelling`` gives their OTBTF keys: :data:`TRAIN_NAMES`,
+:data:`CLASSIFY_NAMES`.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from terrapatch.apps._base import MODEL_SOURCE_NAMES, App, Param, model_sources
-from terrapatch.apps.serve import parse_user_placeholders
+from terrapatch.apps.serve import SERVE_NAMES, parse_user_placeholders
 from terrapatch.deepfeatures import TrainSummary, classify, train_deep_classifier
 from terrapatch.errors import InputError
 from terrapatch.progress import logger
@@ -62,13 +68,44 @@ _OPTIM = (
 )
 
 
+def _model_names(group: str) -> dict[str, str]:
+    """OTBTF keys of the feature model's neutral identifiers, its keys under ``group``."""
+    return {**MODEL_SOURCE_NAMES,
+            "model": f"{group}.dir", "user_placeholders": f"{group}.userplaceholders",
+            "fullyconv": f"{group}.fullyconv", "model_layout": f"{group}.layout",
+            "feature_output": "output.names", "output_names": "output.names",
+            **{k: SERVE_NAMES[k] for k in ("spcscale", "workers", "scheduler")}}
+
+
+#: TrainClassifierFromDeepFeatures: :func:`~terrapatch.deepfeatures.train_deep_classifier`'s
+#: identifiers (and those of the feature model) → OTBTF keys.
+TRAIN_NAMES = {**_model_names("model"), "vector": "vd", "reproject": "vd.reproject",
+               "valid": "valid", "field": "sample.vfn", "max_per_class": "sample.mt",
+               "classifier": "classifier", "seed": "rand", "out": "out"}
+#: ImageClassifierFromDeepFeatures: :func:`~terrapatch.deepfeatures.classify`'s identifiers
+#: → OTBTF keys: the feature model is ``deepmodel.*``, the classifier ``model``.
+CLASSIFY_NAMES = {**_model_names("deepmodel"), "classifier": "model",
+                  "background": "nodatalabel", "pixel_type": "out (pixel type)", "out": "out",
+                  **{k: SERVE_NAMES[k] for k in (
+                      "efield", "efield[0]", "efield[1]", "tile_size", "tile_size[0]",
+                      "tile_size[1]", "disable_tiling")}}
+
+
+def _user_placeholders(app: App, group: str) -> dict[str, np.ndarray]:
+    """``{group}.userplaceholders`` parsed (errors name that key, not serving's)."""
+    with respelled({"model.userplaceholders": f"{group}.userplaceholders"}):
+        return parse_user_placeholders(app.get(f"{group}.userplaceholders") or ())
+
+
 def _spcscale(value: Any) -> Any:
+    """``output.spcscale`` as an int when whole (the core refuses other values)."""
     if value is None:
         return None
     return int(value) if float(value).is_integer() else value
 
 
 def _single_output(app: App) -> str | None:
+    """The one feature output of ``output.names``, or None."""
     names = list(app.get("output.names") or ())
     if len(names) > 1:
         raise InputError(f"output.names: one feature output is used, got {' '.join(names)}")
@@ -106,7 +143,7 @@ class TrainClassifierFromDeepFeatures(App):
                    "features at labelled points; save it as a .skops file")
     primary_output = "out"
     supports_cluster = True
-    spelling = MODEL_SOURCE_NAMES
+    spelling = TRAIN_NAMES
     source_params = SOURCE_PARAMS
     params = (
         *_model_params("model"),
@@ -161,26 +198,23 @@ class TrainClassifierFromDeepFeatures(App):
 
     def run(self) -> TrainSummary:
         """Sample the features, train the classifier and write it."""
-        with respelled({"field": "sample.vfn"}):
-            sources = model_sources(self)
-            if self.get("model.tagsets"):
-                logger.info("model.tagsets ignored: the SavedModel's serving signature is used")
-            name, params = self.classifier_params()
-            valid = self.get("valid")
-            return train_deep_classifier(
-                sources, self.get("model.dir"), list(self.get("vd")), self.get("sample.vfn"),
-                self.get("out"), classifier=name, params=params, seed=self.get("rand"),
-                feature_output=_single_output(self),
-                spcscale=_spcscale(self.get("output.spcscale")),
-                max_per_class=self.get("sample.mt"),
-                valid=list(valid) if valid else None,
-                user_placeholders=parse_user_placeholders(
-                    self.get("model.userplaceholders") or ()),
-                model_layout=self.get("model.layout"),
-                reproject=bool(self.get("vd.reproject")), quiet=self.quiet,
-                scheduler=self.scheduler, workers=self.workers,
-                names={"vector": "vd", "valid": "valid", "model": "model.dir", "out": "out"},
-            )
+        sources = model_sources(self)
+        if self.get("model.tagsets"):
+            logger.info("model.tagsets ignored: the SavedModel's serving signature is used")
+        name, params = self.classifier_params()
+        valid = self.get("valid")
+        return train_deep_classifier(
+            sources, self.get("model.dir"), list(self.get("vd")), self.get("sample.vfn"),
+            self.get("out"), classifier=name, params=params, seed=self.get("rand"),
+            feature_output=_single_output(self),
+            spcscale=_spcscale(self.get("output.spcscale")),
+            max_per_class=self.get("sample.mt"),
+            valid=list(valid) if valid else None,
+            user_placeholders=_user_placeholders(self, "model"),
+            model_layout=self.get("model.layout"),
+            reproject=bool(self.get("vd.reproject")), quiet=self.quiet,
+            scheduler=self.scheduler, workers=self.workers,
+        )
 
 
 class ImageClassifierFromDeepFeatures(App):
@@ -200,7 +234,7 @@ class ImageClassifierFromDeepFeatures(App):
                    "TrainClassifierFromDeepFeatures; write a GeoTIFF map of classes")
     primary_output = "out"
     supports_cluster = True
-    spelling = MODEL_SOURCE_NAMES
+    spelling = CLASSIFY_NAMES
     source_params = SOURCE_PARAMS
     params = (
         *_model_params("deepmodel"),
@@ -226,42 +260,36 @@ class ImageClassifierFromDeepFeatures(App):
 
     def run(self) -> ServeSummary:
         """Classify and write the map."""
-        names = {"model.dir": "deepmodel.dir", "model.userplaceholders":
-                 "deepmodel.userplaceholders", "model.layout": "deepmodel.layout",
-                 "model.fullyconv": "deepmodel.fullyconv"}
-        with respelled(names):
-            for key, why in (("imstat", "features are classified as the classifier was "
-                              "trained on them, without statistics"),
-                             ("confmap", "confidence maps are not written; use the Python "
-                              "API's outputs=('probabilities',)")):
-                if self.values.get(key):
-                    raise InputError(f"{key}: not supported ({why})")
-            sources = model_sources(self)
-            ex, ey = self.get("output.efieldx"), self.get("output.efieldy")
-            if ex is None and ey is not None:
-                raise InputError("output.efieldx: missing, but output.efieldy is given")
-            tx, ty = self.get("optim.tilesizex"), self.get("optim.tilesizey")
-            if tx is None and ty is not None:
-                tx = ty
-            if self.get("deepmodel.tagsets"):
-                logger.info("deepmodel.tagsets ignored: the SavedModel's serving signature is "
-                            "used")
-            out = self.output("out")
-            assert out is not None  # required parameter, checked by App
-            return classify(
-                sources, self.get("deepmodel.dir"), self.get("model"), out.path,
-                feature_output=_single_output(self),
-                fullyconv=bool(self.get("deepmodel.fullyconv")),
-                spcscale=_spcscale(self.get("output.spcscale")),
-                efield=None if ex is None else (ex, ey or ex),
-                tile_size=None if tx is None else (tx, ty or tx),
-                box=out.ext.box, pixel_type=out.pixel_type,
-                background=self.get("nodatalabel"),
-                creation_options=out.ext.creation_options or None, quiet=self.quiet,
-                user_placeholders=parse_user_placeholders(
-                    self.get("deepmodel.userplaceholders") or ()),
-                disable_tiling=bool(self.get("optim.disabletiling")),
-                scheduler=self.scheduler, workers=self.workers,
-                output_format=out.ext.driver, model_layout=self.get("deepmodel.layout"),
-                classifier_parameter="model", model_parameter="deepmodel.dir",
-            )
+        for key, why in (("imstat", "features are classified as the classifier was "
+                          "trained on them, without statistics"),
+                         ("confmap", "confidence maps are not written; use the Python "
+                          "API's outputs=('probabilities',)")):
+            if self.values.get(key):
+                raise InputError(f"{key}: not supported ({why})")
+        sources = model_sources(self)
+        ex, ey = self.get("output.efieldx"), self.get("output.efieldy")
+        if ex is None and ey is not None:
+            raise InputError("output.efieldx: missing, but output.efieldy is given")
+        tx, ty = self.get("optim.tilesizex"), self.get("optim.tilesizey")
+        if tx is None and ty is not None:
+            tx = ty
+        if self.get("deepmodel.tagsets"):
+            logger.info("deepmodel.tagsets ignored: the SavedModel's serving signature is "
+                        "used")
+        out = self.output("out")
+        assert out is not None  # required parameter, checked by App
+        return classify(
+            sources, self.get("deepmodel.dir"), self.get("model"), out.path,
+            feature_output=_single_output(self),
+            fullyconv=bool(self.get("deepmodel.fullyconv")),
+            spcscale=_spcscale(self.get("output.spcscale")),
+            efield=None if ex is None else (ex, ey or ex),
+            tile_size=None if tx is None else (tx, ty or tx),
+            box=out.ext.box, pixel_type=out.pixel_type,
+            background=self.get("nodatalabel"),
+            creation_options=out.ext.creation_options or None, quiet=self.quiet,
+            user_placeholders=_user_placeholders(self, "deepmodel"),
+            disable_tiling=bool(self.get("optim.disabletiling")),
+            scheduler=self.scheduler, workers=self.workers,
+            output_format=out.ext.driver, model_layout=self.get("deepmodel.layout"),
+        )

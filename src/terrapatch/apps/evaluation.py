@@ -1,6 +1,8 @@
 """ComputeConfusionMatrix application: OTB keys over :func:`terrapatch.evaluation.confusion_matrix`.
 
-See ``docs/evaluation.md``.
+See ``docs/evaluation.md``. The core names its parameters by their keywords
+(:mod:`terrapatch.spelling`); :data:`EVALUATION_NAMES` and :func:`reference_names` give
+their OTB keys.
 """
 
 from __future__ import annotations
@@ -9,6 +11,18 @@ from terrapatch.apps._base import App, Param
 from terrapatch.errors import ParameterError
 from terrapatch.evaluation import FORMATS, ConfusionMatrix, confusion_matrix
 from terrapatch.progress import logger
+from terrapatch.spelling import respelled
+
+#: OTB keys of :func:`~terrapatch.evaluation.confusion_matrix`'s identifiers that do not
+#: depend on the kind of reference.
+EVALUATION_NAMES = {"map_path": "in", "field": "ref.vector.field", "map_nodata": "nodatalabel",
+                    "kind": "ref", "out": "out", "format": "format"}
+
+
+def reference_names(kind: str) -> dict[str, str]:
+    """OTB keys of the reference's identifiers for a ``raster`` or ``vector`` reference."""
+    return {"reference": f"ref.{kind}.in", "reference_nodata": f"ref.{kind}.nodata"}
+
 
 
 class ComputeConfusionMatrix(App):
@@ -29,6 +43,7 @@ class ComputeConfusionMatrix(App):
                    "(rows: reference labels, columns: map labels), with overall accuracy, "
                    "kappa and per-class precision, recall and F1")
     primary_output = "out"
+    spelling = EVALUATION_NAMES
     params = (
         Param("in", "path", "class map (integer labels, band 1)", required=True),
         Param("out", "outvec", "output CSV (.csv)", required=True),
@@ -69,14 +84,11 @@ class ComputeConfusionMatrix(App):
         if kind == "vector" and not field:
             raise ParameterError(f"ref.vector.field: missing mandatory parameter of "
                                  f"{self.name} (with -ref vector)")
-        result = confusion_matrix(
-            self.get("in"), reference, field=field, kind=kind,
-            reference_nodata=self.get(f"ref.{kind}.nodata"),
-            map_nodata=self.get("nodatalabel"), out=self.get("out"),
-            format=self.get("format"), quiet=self.quiet,
-            names={"map": "in", "reference": f"ref.{kind}.in", "field": "ref.vector.field",
-                   "reference_nodata": f"ref.{kind}.nodata", "map_nodata": "nodatalabel",
-                   "out": "out", "format": "format", "kind": "ref"},
-        )
+        with respelled(reference_names(kind)):
+            result = confusion_matrix(
+                self.get("in"), reference, field=field, kind=kind,
+                reference_nodata=self.get(f"ref.{kind}.nodata"),
+                map_nodata=self.get("nodatalabel"), out=self.get("out"),
+                format=self.get("format"), quiet=self.quiet)
         logger.info("%s", result.describe())
         return result

@@ -348,12 +348,17 @@ def cached_classifier(path: str, stamp: tuple[int, int] | None = None,
 # ---------------------------------------------------------------------- the classifier engine
 
 
-def check_feature_size(bundle: ClassifierBundle, channels: int, output: str,
-                       parameter: str = "classifier") -> None:
-    """Refuse a classifier trained on another number of features than the model gives."""
+def check_feature_size(bundle: ClassifierBundle, channels: int, output: str) -> None:
+    """Refuse a classifier trained on another number of features than the model gives.
+
+    Raises
+    ------
+    InputError
+        Naming ``classifier`` (and the model's ``feature_output``).
+    """
     if channels != bundle.n_features:
         raise InputError(
-            f"{parameter}: the classifier was trained on {bundle.n_features} features "
-            f"(output {bundle.feature_output!r}), but output.names {output!r} gives "
+            f"classifier: the classifier was trained on {bundle.n_features} features "
+            f"(output {bundle.feature_output!r}), but feature_output {output!r} gives "
             f"{channels} per pixel"
         )

@@ -38,20 +38,20 @@ class ClassifierEngine(Engine):
         The classifier.
     feature_output
         The model output giving the features (default: the bundle's).
-    parameter
-        Parameter naming the classifier in errors.
+
+    Errors name the ``classifier`` and the ``feature_output``.
     """
 
     kind = "deep-features classifier"
 
-    def __init__(self, inner: Engine, bundle: ClassifierBundle, feature_output: str | None = None,
-                 parameter: str = "classifier") -> None:
-        output = inner.resolve_output(feature_output or bundle.feature_output, "output.names")
+    def __init__(self, inner: Engine, bundle: ClassifierBundle,
+                 feature_output: str | None = None) -> None:
+        output = inner.resolve_output(feature_output or bundle.feature_output, "feature_output")
         _check_rank(inner, output)
         info = inner.outputs[output]
         static = None if info.shape is None else info.shape[-1]
         if static is not None:
-            check_feature_size(bundle, int(static), output, parameter)
+            check_feature_size(bundle, int(static), output)
         spatial: tuple[int | None, ...] = (None, None, None) if info.rank != 2 else (None,)
         outputs = {CLASSES_OUTPUT: TensorInfo(CLASSES_OUTPUT, (*spatial, 1), np.dtype("int32"))}
         if hasattr(bundle.estimator, "predict_proba"):
@@ -61,15 +61,14 @@ class ClassifierEngine(Engine):
         self.inner = inner
         self.bundle = bundle
         self.feature_output = output
-        self.parameter = parameter
 
     def _run(self, feed: dict[str, np.ndarray], outputs: list[str]) -> dict[str, Any]:
         array = np.asarray(self.inner.run(feed, [self.feature_output])[self.feature_output])
         if array.ndim not in (2, 4):
-            raise ModelError(f"output.names: feature output {self.feature_output!r} gave shape "
+            raise ModelError(f"feature_output: {self.feature_output!r} gave shape "
                              f"{tuple(array.shape)}; expected rank 4 [N, H, W, C] or 2 [N, C]")
         lead, channels = array.shape[:-1], int(array.shape[-1])
-        check_feature_size(self.bundle, channels, self.feature_output, self.parameter)
+        check_feature_size(self.bundle, channels, self.feature_output)
         flat = array.reshape(-1, channels)
         result: dict[str, Any] = {}
         for name in dict.fromkeys(outputs):
@@ -99,21 +98,16 @@ class ClassifierWrapper:
         The model's tensor layout (``"nchw"`` models are seen channels-last first).
     stamp
         ``(mtime_ns, size)`` of the classifier file when the run started.
-    parameter
-        Parameter naming the classifier in errors.
     """
 
     classifier: str
     feature_output: str
     model_layout: str = "nhwc"
     stamp: tuple[int, int] | None = None
-    parameter: str = "classifier"
 
     def __call__(self, engine: Engine) -> Engine:
         """The classifier engine over ``engine``."""
-        bundle = cached_classifier(self.classifier, self.stamp, self.parameter)
+        bundle = cached_classifier(self.classifier, self.stamp)
         return ClassifierEngine(with_layout(engine, self.model_layout), bundle,
-                                self.feature_output, self.parameter)
+                                self.feature_output)
 
-
-# ---------------------------------------------------------------------- training run

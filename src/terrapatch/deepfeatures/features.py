@@ -1,4 +1,9 @@
-"""Deep features at labelled points: bind a model to sources, one vector per patch."""
+"""Deep features at labelled points: bind a model to sources, one vector per patch.
+
+Errors and log records name parameters by their neutral identifiers
+(:mod:`terrapatch.spelling`): ``model``, ``feature_output``, ``spcscale``,
+``user_placeholders``, ``vector``, ``field``, ``source1.patch_size``.
+"""
 
 from __future__ import annotations
 
@@ -32,6 +37,12 @@ from terrapatch.writer import (
     PIXEL_TYPES,
 )
 
+#: Serving names the model outputs ``output_names``; the feature model has one of them.
+_OUTPUT_IS_FEATURE_OUTPUT = {"output_names": "feature_output"}
+#: The extraction core's names of the points and of the sampling-grid factor, as
+#: :func:`sample_features` calls them (``vec``, ``grid.factor``: its former spellings).
+_EXTRACTION_NAMES = {"vec": "vector", "factor": "spcscale", "grid.factor": "spcscale"}
+
 
 def _as_features(array: np.ndarray) -> np.ndarray:
     """Feature rows as the classifier sees them, in training and in serving alike."""
@@ -64,7 +75,7 @@ class FeatureModel:
     model_layout
         ``"nhwc"`` or ``"nchw"``: the model's own tensor layout.
     user_inputs
-        Constant extra inputs (``model.userplaceholders``).
+        Constant extra inputs (``user_placeholders``).
     derived
         Whether the receptive fields were derived from the model.
     """
@@ -116,15 +127,15 @@ def _per_patch(array: np.ndarray, n: int, output: str, channels: int | None) -> 
     ok = (array.ndim == 4 and shape[:3] == (n, 1, 1)) or (array.ndim == 2 and shape[0] == n)
     if not ok:
         raise ModelError(
-            f"output.names: feature output {output!r} gives shape {shape} for {n} patch(es); "
-            "a feature output must give one vector per patch, [N, 1, 1, C] (channels last) "
-            "or [N, C]: give the receptive fields (sourceK.rfieldx/y) at which the model "
-            "emits one pixel per patch, or another output"
+            f"feature_output: {output!r} gives shape {shape} for {n} patch(es); a feature "
+            "output must give one vector per patch, [N, 1, 1, C] (channels last) or [N, C]: "
+            "give the receptive fields (sourceK.patch_size) at which the model emits one "
+            "pixel per patch, or another output"
         )
     flat = array.reshape(n, shape[-1])
     if channels is not None and flat.shape[1] != channels:
-        raise ModelError(f"output.names: feature output {output!r} gives {flat.shape[1]} "
-                         f"features per patch, {channels} on an earlier batch")
+        raise ModelError(f"feature_output: {output!r} gives {flat.shape[1]} features per "
+                         f"patch, {channels} on an earlier batch")
     return flat
 
 
@@ -133,8 +144,8 @@ def _check_rank(engine: Engine, output: str) -> None:
     info = engine.outputs[output]
     if info.rank not in (None, 2, 4):
         raise ModelError(
-            f"output.names: feature output {info.describe()} has rank {info.rank}; a feature "
-            "output must be [N, 1, 1, C] per patch (rank 4, channels last) or [N, C] (rank 2)"
+            f"feature_output: {info.describe()} has rank {info.rank}; a feature output must "
+            "be [N, 1, 1, C] per patch (rank 4, channels last) or [N, C] (rank 2)"
         )
 
 
@@ -148,6 +159,20 @@ def _with_fields(sources: Sequence[Source], fields: Sequence[tuple[int, int]]) -
     return out
 
 
+def _feature_output(engine: Engine, feature_output: str | Sequence[str] | None) -> str:
+    """The one output giving the features, resolved and checked (default: the first)."""
+    if feature_output is None or isinstance(feature_output, str):
+        names = [feature_output] if feature_output else []
+    else:
+        names = [n for n in feature_output if n]
+    if len(names) > 1:
+        raise InputError(f"feature_output: one feature output is used, got {names}")
+    with respelled(_OUTPUT_IS_FEATURE_OUTPUT):  # serving's output_names, here one output
+        output = resolve_outputs(engine, names)[0]
+    _check_rank(engine, output)
+    return output
+
+
 def open_feature_model(
     sources: Sequence[Source],
     model: Any,
@@ -156,7 +181,6 @@ def open_feature_model(
     user_placeholders: Mapping[str, Any] | None = None,
     model_layout: str | None = None,
     engine: Engine | None = None,
-    model_parameter: str = "model.dir",
 ) -> FeatureModel:
     """Open a feature model on sources, as patch-based serving would, and check it.
 
@@ -169,8 +193,7 @@ def open_feature_model(
     model
         SavedModel directory, ``.keras`` or ``.onnx`` file (or an in-memory model).
     feature_output
-        The output giving the features (``output.names``); default: the first output in
-        alphabetical order.
+        The output giving the features; default: the first output in alphabetical order.
     spcscale
         Sampling-grid factor, as in serving (positive integer).
     user_placeholders
@@ -179,8 +202,6 @@ def open_feature_model(
         ``"nhwc"`` or ``"nchw"`` model tensors; None: detected, as in serving.
     engine
         An already loaded engine to use instead of opening ``model``.
-    model_parameter
-        Parameter naming the model in errors.
 
     Raises
     ------
@@ -189,23 +210,16 @@ def open_feature_model(
         nor 2, or one that does not give one vector per patch at the receptive fields.
     """
     sources = check_sources(sources)
-    spcscale = check_factor(spcscale, "output.spcscale")
+    spcscale = check_factor(spcscale, "spcscale")
     _ = [s.grid for s in sources]  # opens every source: missing files fail here
     if engine is None:
-        engine = load_engine(model, model_parameter)
-    user_inputs = {engine.resolve_input(k, "model.userplaceholders"): np.asarray(v)
+        engine = load_engine(model, "model")
+    user_inputs = {engine.resolve_input(k, "user_placeholders"): np.asarray(v)
                    for k, v in (user_placeholders or {}).items()}
     input_names = resolve_inputs(engine, sources, user_inputs)
     layout = detect_layout(engine, sources, input_names, model_layout)
     engine = with_layout(engine, layout)
-    if feature_output is None or isinstance(feature_output, str):
-        names = [feature_output] if feature_output else []
-    else:
-        names = [n for n in feature_output if n]
-    if len(names) > 1:
-        raise InputError(f"output.names: one feature output is used, got {names}")
-    output = resolve_outputs(engine, names)[0]
-    _check_rank(engine, output)
+    output = _feature_output(engine, feature_output)
     given = [s.patch_size for s in sources]
     derived = any(f is None for f in given)
     if derived:
@@ -265,12 +279,12 @@ def _extraction_type(source: Source) -> str:
 
 
 def _sample_one(fm: FeatureModel, points: PointSet, field_name: str, folder: Path,
-                quiet: bool, scheduler: Any, workers: int | None, parameter: str
+                quiet: bool, scheduler: Any, workers: int | None
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, ExtractionSummary]:
     """Features, labels and coordinates of the samples of one point set."""
     outputs = [folder / f"source{i + 1}.tif" for i in range(len(fm.sources))]
     kept_path = folder / "kept.gpkg"
-    with respelled({"vec": parameter, "grid.factor": "output.spcscale"}):
+    with respelled(_EXTRACTION_NAMES):
         summary = extract_patches(
             fm.sources, points, field_name, outputs, points_out=kept_path,
             pixel_types=[_extraction_type(s) for s in fm.sources], factor=fm.spcscale,
@@ -300,7 +314,6 @@ def sample_features(
     quiet: bool = False,
     scheduler: Any = None,
     workers: int | None = None,
-    parameter: str = "vec",
 ) -> FeatureSamples:
     """Features of the model at labelled points.
 
@@ -325,8 +338,6 @@ def sample_features(
     scheduler, workers
         Read the patches on a Dask cluster (see :func:`extract_patches`); the model
         runs here.
-    parameter
-        Parameter naming the vector file in errors.
 
     Raises
     ------
@@ -335,27 +346,25 @@ def sample_features(
     """
     vectors = [vector] if isinstance(vector, str | os.PathLike | PointSet) else list(vector)
     if not vectors:
-        raise InputError(f"{parameter}: no vector file given")
+        raise InputError("vector: no vector file given")
     crs = model.sources[0].grid.crs
     parts: list[tuple[np.ndarray, ...]] = []
     summaries = []
     with tempfile.TemporaryDirectory(prefix="terrapatch-deepfeatures-") as tmp:
         for v in vectors:
             points = v if isinstance(v, PointSet) else read_points(
-                v, field, crs=crs, reproject=reproject, parameter=parameter)
+                v, field, crs=crs, reproject=reproject, parameter="vector")
             *arrays, summary = _sample_one(model, points, field, Path(tmp), quiet, scheduler,
-                                           workers, parameter)
+                                           workers)
             parts.append(tuple(arrays))
             summaries.append(summary)
     features, labels, xs, ys = (np.concatenate([p[k] for p in parts]) for k in range(4))
     if not np.isfinite(features).all():
         bad = int((~np.isfinite(features).all(axis=1)).sum())
-        raise ModelError(f"output.names: feature output {model.output!r} gives NaN or "
-                         f"infinite values for {bad} sample(s)")
+        raise ModelError(f"feature_output: {model.output!r} gives NaN or infinite values for "
+                         f"{bad} sample(s)")
     logger.info("deep features: %d sample(s) × %d feature(s) from %r", len(labels),
                 model.channels, model.output)
     return FeatureSamples(features, labels.astype(np.int64), xs, ys, model.output,
                           tuple(summaries))
 
-
-# ---------------------------------------------------------------------- training

@@ -1,4 +1,10 @@
-"""The applications' runs: train a classifier at points; classify whole rasters."""
+"""The applications' runs: train a classifier at points; classify whole rasters.
+
+Errors and log records name parameters by the keywords of :func:`train_deep_classifier`
+and :func:`classify` (``model``, ``classifier``, ``feature_output``, ``vector``,
+``valid``, ``max_per_class``, ``out``…), which a facade respells
+(:mod:`terrapatch.spelling`).
+"""
 
 from __future__ import annotations
 
@@ -33,6 +39,7 @@ from terrapatch.errors import (
 from terrapatch.progress import logger
 from terrapatch.raster import Source
 from terrapatch.serve import ServeJob, ServeSummary, prepare_serve
+from terrapatch.spelling import respelled
 from terrapatch.vector import PointSet
 from terrapatch.writer import (
     Output,
@@ -117,7 +124,7 @@ def _cap_per_class(samples: FeatureSamples, limit: int | None, seed: int) -> Fea
     if limit is None or limit < 0:
         return samples
     if limit == 0:
-        raise InputError("sample.mt: 0 samples per class leaves nothing to train on "
+        raise InputError("max_per_class: 0 samples per class leaves nothing to train on "
                          "(-1: every sample)")
     rng = np.random.default_rng(seed)
     keep = []
@@ -127,20 +134,29 @@ def _cap_per_class(samples: FeatureSamples, limit: int | None, seed: int) -> Fea
     order = np.sort(np.concatenate(keep))
     if len(order) == len(samples):
         return samples
-    logger.info("sample.mt: %d of %d samples kept (at most %d per class)", len(order),
+    logger.info("max_per_class: %d of %d samples kept (at most %d per class)", len(order),
                 len(samples), limit)
     return FeatureSamples(samples.features[order], samples.labels[order], samples.x[order],
                           samples.y[order], samples.feature_output, samples.extraction)
 
 
-def _inputs(sources: Sequence[Source], model: Any, model_parameter: str) -> dict[str, Any]:
-    inputs: dict[str, Any] = {f"{s.name}.il": s.paths for s in sources if isinstance(s, Source)}
+#: Validation points are sampled as :func:`sample_features`' ``vector``.
+_VALID_IS_VECTOR = {"vector": "valid"}
+#: Classifying serves the classifier's ``outputs`` (serving's ``output_names``).
+_OUTPUTS_ARE_OUTPUT_NAMES = {"output_names": "outputs"}
+
+
+def _inputs(sources: Sequence[Source], model: Any) -> dict[str, Any]:
+    """The sources' rasters and the model file, by neutral identifier (output checks)."""
+    inputs: dict[str, Any] = {f"{s.name}.paths": s.paths for s in sources
+                              if isinstance(s, Source)}
     if isinstance(model, str | os.PathLike):
-        inputs[model_parameter] = model
+        inputs["model"] = model
     return inputs
 
 
 def _vector_inputs(vector: Any, parameter: str) -> dict[str, Any]:
+    """The point files among ``vector`` (files or point sets) as inputs named ``parameter``."""
     items = [vector] if isinstance(vector, str | os.PathLike | PointSet) else list(vector or [])
     paths = [v for v in items if isinstance(v, str | os.PathLike)]
     return {parameter: paths} if paths else {}
@@ -165,7 +181,6 @@ def train_deep_classifier(
     quiet: bool = False,
     scheduler: Any = None,
     workers: int | None = None,
-    names: Mapping[str, str] | None = None,
 ) -> TrainSummary:
     """Train a classifier on a model's features at labelled points and save it (``.skops``).
 
@@ -189,38 +204,32 @@ def train_deep_classifier(
         Validation points (same field): their accuracy is logged and returned.
     reproject, quiet, scheduler, workers
         See :func:`sample_features`.
-    names
-        Parameter names in errors, by role: ``vector``, ``valid``, ``model``, ``out``
-        (defaults ``vec``, ``valid``, ``model.dir``, ``out``).
 
     Returns
     -------
     TrainSummary
     """
     start = time.perf_counter()
-    names = {"vector": "vec", "valid": "valid", "model": "model.dir", "out": "out",
-             **(names or {})}
-    inputs = {**_inputs(sources, model, names["model"]),
-              **_vector_inputs(vector, names["vector"]),
-              **_vector_inputs(valid, names["valid"])}
-    _classical(f"{names['out']}: training a classifier")
-    with claim_outputs({names["out"]: Output(out, "classifier")}, inputs):
+    inputs = {**_inputs(sources, model), **_vector_inputs(vector, "vector"),
+              **_vector_inputs(valid, "valid")}
+    _classical("out: training a classifier")
+    with claim_outputs({"out": Output(out, "classifier")}, inputs):
         fm = open_feature_model(sources, model, feature_output, spcscale, user_placeholders,
-                                model_layout, model_parameter=names["model"])
-        samples = sample_features(fm, vector, field, reproject, quiet, scheduler, workers,
-                                  names["vector"])
+                                model_layout)
+        samples = sample_features(fm, vector, field, reproject, quiet, scheduler, workers)
         samples = _cap_per_class(samples, max_per_class, seed)
         estimator = train_classifier(samples.features, samples.labels, classifier, params, seed)
         bundle = ClassifierBundle.of(estimator, fm, classifier)
         training = Validation.of(samples.labels, bundle.predict(samples.features))
         validation = None
         if valid is not None:
-            checks = sample_features(fm, valid, field, reproject, quiet, scheduler, workers,
-                                     names["valid"])
+            with respelled(_VALID_IS_VECTOR):
+                checks = sample_features(fm, valid, field, reproject, quiet, scheduler,
+                                         workers)
             validation = Validation.of(checks.labels, bundle.predict(checks.features))
             logger.info("validation: overall accuracy %.4f, kappa %.4f on %d sample(s)",
                         validation.overall_accuracy, validation.kappa, validation.n)
-        path = save_classifier(bundle, out, names["out"])
+        path = save_classifier(bundle, out, "out")
     labels, counts = np.unique(samples.labels, return_counts=True)
     seconds = time.perf_counter() - start
     logger.info("wrote %s: %s trained on %d sample(s) × %d feature(s) of %r, %d class(es), "
@@ -269,8 +278,6 @@ def prepare_classify(
     disable_tiling: bool = False,
     model_layout: str | None = None,
     outputs: Sequence[str] = (CLASSES_OUTPUT,),
-    classifier_parameter: str = "classifier",
-    model_parameter: str = "model.dir",
 ) -> ServeJob:
     """Validate a classification run and plan its tiles (a :class:`~terrapatch.serve.ServeJob`).
 
@@ -278,27 +285,27 @@ def prepare_classify(
     :class:`ClassifierWrapper`, so that Dask workers classify as this process does.
     """
     text = os.fspath(classifier)
-    bundle = load_classifier(text, classifier_parameter)
+    bundle = load_classifier(text)
     sources = _fields_for(list(sources), bundle)
     fm = open_feature_model(sources, model, feature_output or bundle.feature_output,
                             bundle.spcscale if spcscale is None else spcscale,
-                            user_placeholders, model_layout, model_parameter=model_parameter)
+                            user_placeholders, model_layout)
     if fm.output != bundle.feature_output:
-        logger.warning("output.names: classifying features of %r with a classifier trained "
+        logger.warning("feature_output: classifying features of %r with a classifier trained "
                        "on %r", fm.output, bundle.feature_output)
-    check_feature_size(bundle, fm.channels, fm.output, classifier_parameter)
-    engine = ClassifierEngine(fm.engine, bundle, fm.output, classifier_parameter)
+    check_feature_size(bundle, fm.channels, fm.output)
+    engine = ClassifierEngine(fm.engine, bundle, fm.output)
     wanted = [outputs] if isinstance(outputs, str) else list(outputs)
     for name in wanted:
         engine.resolve_output(name, "outputs")
-    job = prepare_serve(list(fm.sources), model, output_names=wanted, fullyconv=fullyconv,
-                        spcscale=fm.spcscale, efield=efield, tile_size=tile_size, box=box,
-                        user_placeholders=user_placeholders, disable_tiling=disable_tiling,
-                        engine=engine, model_layout="nhwc")
+    with respelled(_OUTPUTS_ARE_OUTPUT_NAMES):
+        job = prepare_serve(list(fm.sources), model, output_names=wanted, fullyconv=fullyconv,
+                            spcscale=fm.spcscale, efield=efield, tile_size=tile_size, box=box,
+                            user_placeholders=user_placeholders,
+                            disable_tiling=disable_tiling, engine=engine, model_layout="nhwc")
     path = os.path.abspath(text)
-    job.runner.engine_wrappers.append(ClassifierWrapper(
-        path, fm.output, fm.model_layout, _stamp(path, classifier_parameter),
-        classifier_parameter))
+    job.runner.engine_wrappers.append(ClassifierWrapper(path, fm.output, fm.model_layout,
+                                                        _stamp(path, "classifier")))
     return job
 
 
@@ -324,8 +331,6 @@ def classify(
     output_format: str | None = None,
     model_layout: str | None = None,
     outputs: Sequence[str] = (CLASSES_OUTPUT,),
-    classifier_parameter: str = "classifier",
-    model_parameter: str = "model.dir",
 ) -> ServeSummary:
     """Classify whole rasters with a model's features and a saved classifier; write the map.
 
@@ -357,8 +362,6 @@ def classify(
         Pixel type of the map (default ``uint8``).
     outputs
         ``("classes",)`` (default), ``("probabilities",)`` or both, stacked as bands.
-    classifier_parameter, model_parameter
-        Parameter names of the classifier and of the model in errors.
 
     Returns
     -------
@@ -366,8 +369,8 @@ def classify(
     """
     from terrapatch import cluster
 
-    dtype = pixel_dtype(pixel_type, parameter="out (pixel type)")
-    inputs = {**_inputs(sources, model, model_parameter), classifier_parameter: classifier}
+    dtype = pixel_dtype(pixel_type, parameter="pixel_type")
+    inputs = {**_inputs(sources, model), "classifier": classifier}
     # Before anything loads: no input replaced, the right extension, valid options.
     check_outputs({"out": Output(out, "map", output_format, dict(creation_options or {}))},
                   inputs)
@@ -375,11 +378,10 @@ def classify(
     def run(client: Any) -> ServeSummary:
         job = prepare_classify(sources, model, classifier, feature_output, fullyconv, spcscale,
                                efield, tile_size, box, user_placeholders, disable_tiling,
-                               model_layout, outputs, classifier_parameter, model_parameter)
+                               model_layout, outputs)
         if client is not None:
-            cluster.check_worker_paths(client, [os.path.abspath(os.fspath(classifier))],
-                                       {os.path.abspath(os.fspath(classifier)):
-                                        classifier_parameter})
+            path = os.path.abspath(os.fspath(classifier))
+            cluster.check_worker_paths(client, [path], {path: "classifier"})
         return job.run(out, dtype, background=background, creation_options=creation_options,
                        quiet=quiet, scheduler=client, output_format=output_format)
 

@@ -16,10 +16,10 @@ map pixel centre (nearest, no resampling) when the two grids nest: equal spacing
 a whole-pixel offset, or one spacing an integer multiple of the other with pixel edges
 aligned. Other grids are refused.
 
-Errors name parameters by neutral identifiers (``map``, ``reference``, ``field``,
-``reference_nodata``, ``map_nodata``, ``out``, ``format``, ``kind``, ``box``); callers
-pass ``names`` to spell them their own way (the ``ComputeConfusionMatrix`` application
-passes OTB's keys).
+Errors and log records name parameters by the keywords of :func:`confusion_matrix`,
+their neutral identifiers (``map_path``, ``reference``, ``field``, ``reference_nodata``,
+``map_nodata``, ``out``, ``format``, ``kind``, ``box``); a facade respells them
+(:mod:`terrapatch.spelling`; the ``ComputeConfusionMatrix`` application gives OTB's keys).
 """
 
 from __future__ import annotations
@@ -48,7 +48,6 @@ __all__ = [
     "FORMATS",
     "KINDS",
     "MAX_CLASSES",
-    "NAMES",
     "STRIP_PIXELS",
     "ConfusionMatrix",
     "claim_table",
@@ -59,11 +58,6 @@ PathLike = str | os.PathLike[str]
 
 #: Kinds of reference.
 KINDS = ("raster", "vector")
-#: Neutral parameter identifiers, as error messages name them unless ``names`` says
-#: otherwise.
-NAMES: dict[str, str] = {key: key for key in (
-    "map", "reference", "field", "reference_nodata", "map_nodata", "out", "format", "kind",
-    "box")}
 #: Vector extensions, for the hint when a vector file is read as a raster.
 _VECTOR_SUFFIXES = (*VECTOR_DRIVERS, ".sqlite", ".kml", ".gml", ".fgb")
 
@@ -125,20 +119,20 @@ def claim_table(path: PathLike, inputs: Mapping[str, PathLike | None],
 # ================================================================ the comparison
 
 
-def _resolve_kind(reference: PathLike, kind: str | None, field: str | None,
-                  names: Mapping[str, str]) -> str:
+def _resolve_kind(reference: PathLike, kind: str | None, field: str | None) -> str:
+    """``kind``, checked, or the reference's kind: vector when ``field`` is given."""
     if kind is not None:
         if kind not in KINDS:
-            raise InputError(f"{names['kind']}: {kind!r} is not one of {', '.join(KINDS)}")
+            raise InputError(f"kind: {kind!r} is not one of {', '.join(KINDS)}")
         if kind == "vector" and not field:
-            raise InputError(f"{names['field']}: missing; a vector reference needs its "
-                             "integer class field")
+            raise InputError("field: missing; a vector reference needs its integer class "
+                             "field")
         return kind
     if field:
         return "vector"
     if Path(os.fspath(reference)).suffix.lower() in _VECTOR_SUFFIXES:
-        raise InputError(f"{names['field']}: missing; {os.fspath(reference)!r} looks like a "
-                         "vector file, which needs its integer class field")
+        raise InputError(f"field: missing; {os.fspath(reference)!r} looks like a vector "
+                         "file, which needs its integer class field")
     return "raster"
 
 
@@ -154,7 +148,6 @@ def confusion_matrix(
     out: PathLike | None = None,
     format: str = "confusionmatrix",
     quiet: bool = False,
-    names: Mapping[str, str] | None = None,
 ) -> ConfusionMatrix:
     """Compare a class map with a reference raster or vector (OTB ``ComputeConfusionMatrix``).
 
@@ -185,8 +178,6 @@ def confusion_matrix(
         Layout of ``out``: one of :data:`FORMATS` (see :meth:`ConfusionMatrix.to_csv`).
     quiet
         No progress bar.
-    names
-        Neutral parameter identifier (:data:`NAMES`) → spelling in error messages.
 
     Returns
     -------
@@ -199,56 +190,52 @@ def confusion_matrix(
         A missing or unreadable input, a non-integer label or field, a CRS mismatch,
         grids that do not nest, no overlap, or a bad output.
     """
-    n = {**NAMES, **(names or {})}
     if format not in FORMATS:
-        raise InputError(f"{n['format']}: {format!r} is not one of {', '.join(FORMATS)}")
-    kind = _resolve_kind(reference, kind, field, n)
+        raise InputError(f"format: {format!r} is not one of {', '.join(FORMATS)}")
+    kind = _resolve_kind(reference, kind, field)
     if out is None:
         return _confusion(map_path, reference, field, kind, reference_nodata, map_nodata,
-                          box, quiet, n)
-    with claim_table(out, {n["map"]: map_path, n["reference"]: reference}, n["out"]):
+                          box, quiet)
+    with claim_table(out, {"map_path": map_path, "reference": reference}):
         result = _confusion(map_path, reference, field, kind, reference_nodata, map_nodata,
-                            box, quiet, n)
-        result.to_csv(out, format, n["out"])
+                            box, quiet)
+        result.to_csv(out, format)
     logger.info("confusion matrix written to %s", os.fspath(out))
     return result
 
 
 def _confusion(map_path: PathLike, reference: PathLike, field: str | None, kind: str,
                reference_nodata: float | None, map_nodata: float | None,
-               box: Sequence[int] | None, quiet: bool, n: Mapping[str, str]
-               ) -> ConfusionMatrix:
-    map_raster = _open_raster(map_path, n["map"])
+               box: Sequence[int] | None, quiet: bool) -> ConfusionMatrix:
+    """The counts of :func:`confusion_matrix`, logged; no label compared is an error."""
+    map_raster = _open_raster(map_path, "map_path")
     region, _ = crop_box(box, map_raster.grid.width, map_raster.grid.height)
     if kind == "raster":
         suffix = Path(os.fspath(reference)).suffix.lower()
         hint = "; a vector file needs its class field" if suffix in _VECTOR_SUFFIXES else ""
-        ref = _open_raster(reference, n["reference"], hint)
-        tally = _compare_rasters(map_raster, ref, region, map_nodata, reference_nodata, n,
-                                 quiet)
+        ref = _open_raster(reference, "reference", hint)
+        tally = _compare_rasters(map_raster, ref, region, map_nodata, reference_nodata, quiet)
     else:
         assert field is not None  # _resolve_kind checked it
-        features = _read_features(reference, field, map_raster, n)
+        features = _read_features(reference, field, map_raster)
         tally = _compare_vector(map_raster, features, region, map_nodata, reference_nodata,
-                                n, quiet)
+                                quiet)
     result = tally.matrix
     if tally.covered == 0:
-        raise NoSamplesError(f"{n['reference']}: {os.fspath(reference)!r} holds no label "
-                             f"where it overlaps {n['map']} (all no-data)")
+        raise NoSamplesError(f"reference: {os.fspath(reference)!r} holds no label where it "
+                             "overlaps map_path (all no-data)")
     if result.total == 0:
         raise NoSamplesError(
-            f"{n['map']}: no pixel of {os.fspath(map_path)!r} holds a label where "
-            f"{n['reference']} does ({tally.covered} reference pixel(s), all no-data in the "
-            "map)"
+            f"map_path: no pixel of {os.fspath(map_path)!r} holds a label where the "
+            f"reference does ({tally.covered} reference pixel(s), all no-data in the map)"
         )
     only_map = result.labels[(result.support == 0) & (result.predicted > 0)]
     if len(only_map):
-        logger.warning("%s: class(es) %s of the map are absent from %s (reported as rows "
-                       "of zeros)", n["map"], ", ".join(str(v) for v in only_map),
-                       n["reference"])
+        logger.warning("map_path: class(es) %s of the map are absent from the reference "
+                       "(reported as rows of zeros)", ", ".join(str(v) for v in only_map))
     only_ref = result.labels[(result.predicted == 0) & (result.support > 0)]
     if len(only_ref):
-        logger.info("%s: reference class(es) %s never appear in the map", n["reference"],
+        logger.info("reference: reference class(es) %s never appear in the map",
                     ", ".join(str(v) for v in only_ref))
     logger.info("confusion matrix: %d pixels, %d classes, overall accuracy %.4f, kappa %.4f",
                 result.total, len(result.labels), result.overall_accuracy, result.kappa)

@@ -2,13 +2,14 @@
 
 A reference raster on a grid nested with the map's is read at the pixel holding each
 map pixel centre; reference polygons and points are rasterised on the map grid
-(pixel-centre rule). Memory is bounded by :data:`STRIP_PIXELS`.
+(pixel-centre rule). Memory is bounded by :data:`STRIP_PIXELS`. Errors name the
+inputs as :func:`~terrapatch.evaluation.confusion_matrix` does: ``map_path``,
+``reference``, ``field``.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -178,21 +179,22 @@ class _Tally:
     matrix: ConfusionMatrix
     covered: int = 0
 
-    def add(self, reference: np.ndarray, produced: np.ndarray, names: Mapping[str, str],
-            map_path: str, reference_what: str) -> None:
-        r = _integer_values(reference, names["reference"], reference_what)
-        p = _integer_values(produced, names["map"], repr(map_path))
-        labels, counts = _count_pairs(r, p, names["map"])
+    def add(self, reference: np.ndarray, produced: np.ndarray, map_path: str,
+            reference_what: str) -> None:
+        """Count the pairs of one strip's compared pixels."""
+        r = _integer_values(reference, "reference", reference_what)
+        p = _integer_values(produced, "map_path", repr(map_path))
+        labels, counts = _count_pairs(r, p, "map_path")
         if len(labels):
             self.matrix = self.matrix + ConfusionMatrix(labels, counts)
             if len(self.matrix.labels) > MAX_CLASSES:
-                raise InputError(f"{names['map']}: more than {MAX_CLASSES} distinct labels; "
-                                 "a class map holds fewer classes (is it a class map?)")
+                raise InputError(f"map_path: more than {MAX_CLASSES} distinct labels; a "
+                                 "class map holds fewer classes (is it a class map?)")
 
 
 def _compare_rasters(map_raster: _Raster, ref: _Raster, region: tuple[int, int, int, int],
                      map_nodata: float | None, reference_nodata: float | None,
-                     names: Mapping[str, str], quiet: bool) -> _Tally:
+                     quiet: bool) -> _Tally:
     _check_crs(map_raster, ref)
     ref_cols, ref_rows = _nested_index(map_raster.grid, ref.grid, ref.name, map_raster.name)
     bx, by, bw, bh = region
@@ -203,7 +205,7 @@ def _compare_rasters(map_raster: _Raster, ref: _Raster, region: tuple[int, int, 
             ", within the box"
         raise GeometryError(
             f"{ref.name}: {ref.path!r} (bounds {_bounds(ref.grid.bounds)}) does not overlap "
-            f"{names['map']} {map_raster.path!r} (bounds "
+            f"{map_raster.name} {map_raster.path!r} (bounds "
             f"{_bounds(map_raster.grid.bounds)}{within})"
         )
     mx, my = map_raster.grid.spacing
@@ -223,8 +225,7 @@ def _compare_rasters(map_raster: _Raster, ref: _Raster, region: tuple[int, int, 
             ref_ok = _valid(reference, ref, reference_nodata)
             valid = ref_ok & _valid(produced, map_raster, map_nodata)
             tally.covered += int(ref_ok.sum())
-            tally.add(reference[valid], produced[valid], names, map_raster.path,
-                      repr(ref.path))
+            tally.add(reference[valid], produced[valid], map_raster.path, repr(ref.path))
             bar.update(1)
     return tally
 
@@ -236,18 +237,16 @@ class _Features:
     path: str
 
 
-def _read_features(path: PathLike, field: str, map_raster: _Raster,
-                   names: Mapping[str, str]) -> _Features:
+def _read_features(path: PathLike, field: str, map_raster: _Raster) -> _Features:
     """Points and polygons with an integer ``field``, from every layer holding it."""
     text = os.fspath(path)
-    name, field_name = names["reference"], names["field"]
     if not is_remote(text) and not Path(text).exists():
-        raise MissingInputError(f"{name}: file {text!r} does not exist")
+        raise MissingInputError(f"reference: file {text!r} does not exist")
     try:
         layers_info = [pyogrio.read_info(text, layer=str(layer))
                        for layer, _ in pyogrio.list_layers(text)]
     except Exception as exc:
-        raise InputError(f"{name}: {text!r} is not a readable vector file "
+        raise InputError(f"reference: {text!r} is not a readable vector file "
                          f"({failure_reason(exc)})") from None
     fields: list[str] = []
     for info in layers_info:
@@ -256,42 +255,41 @@ def _read_features(path: PathLike, field: str, map_raster: _Raster,
             kind = np.dtype(dtype).kind
             if str(f) == field and kind not in "iuf":
                 shown = "string" if kind in "OSU" else str(dtype)
-                raise InputError(f"{field_name}: field {field!r} of {text!r} holds {shown} "
+                raise InputError(f"field: field {field!r} of {text!r} holds {shown} "
                                  "values, not integer classes")
     if field not in fields:
-        raise InputError(f"{field_name}: {field!r} is not a field of {text!r} "
+        raise InputError(f"field: {field!r} is not a field of {text!r} "
                          f"(fields: {', '.join(fields) or 'none'})")
     layers, skipped = read_layers(text, field, _REFERENCE_GEOMETRIES, "a point or a polygon",
-                                  name)
+                                  "reference")
     geoms: list[np.ndarray] = []
     classes: list[np.ndarray] = []
     crs = map_raster.grid.crs
     for layer in layers:
         if layer.crs is not None and crs is not None and layer.crs != crs:
             raise CRSMismatchError(
-                f"{name}: CRS {crs_label(layer.crs)} of layer {layer.name!r} in {text!r} "
-                f"differs from {names['map']} CRS {crs_label(crs)}; reproject the vector "
+                f"reference: CRS {crs_label(layer.crs)} of layer {layer.name!r} in {text!r} "
+                f"differs from {map_raster.name} CRS {crs_label(crs)}; reproject the vector "
                 f"(e.g. ogr2ogr -t_srs {crs_label(crs)})"
             )
         if layer.crs is None and crs is not None and len(layer.geometries):
-            logger.warning("%s: layer %r of %s has no CRS; assuming the map's", name,
+            logger.warning("reference: layer %r of %s has no CRS; assuming the map's",
                            layer.name, text)
         values = np.asarray(layer.values)
         if values.dtype.kind == "O":  # e.g. a shapefile integer column read with nulls
             values = values.astype(np.float64)
-        classes.append(_integer_values(values, field_name,
+        classes.append(_integer_values(values, "field",
                                        f"field {field!r} of layer {layer.name!r} in {text!r}"))
         geoms.append(layer.geometries)
     if skipped:
-        logger.info("%s: %d feature(s) without geometry or %r value skipped", name, skipped,
+        logger.info("reference: %d feature(s) without geometry or %r value skipped", skipped,
                     field)
     return _Features(np.concatenate(geoms), np.concatenate(classes), text)
 
 
 def _compare_vector(map_raster: _Raster, features: _Features,
                     region: tuple[int, int, int, int], map_nodata: float | None,
-                    reference_nodata: float | None, names: Mapping[str, str],
-                    quiet: bool) -> _Tally:
+                    reference_nodata: float | None, quiet: bool) -> _Tally:
     from rasterio.features import rasterize
 
     grid = map_raster.grid
@@ -306,8 +304,8 @@ def _compare_vector(map_raster: _Raster, features: _Features,
         extent = (float(np.nanmin(bounds[:, 0])), float(np.nanmin(bounds[:, 1])),
                   float(np.nanmax(bounds[:, 2])), float(np.nanmax(bounds[:, 3])))
         raise GeometryError(
-            f"{names['reference']}: no feature of {features.path!r} (bounds "
-            f"{_bounds(extent)}) overlaps {names['map']} {map_raster.path!r} (bounds "
+            f"reference: no feature of {features.path!r} (bounds "
+            f"{_bounds(extent)}) overlaps {map_raster.name} {map_raster.path!r} (bounds "
             f"{_bounds((left, bottom, right, top))})"
         )
     tally = _Tally(ConfusionMatrix(np.empty(0, np.int64), np.zeros((0, 0), np.int64)))
@@ -335,9 +333,9 @@ def _compare_vector(map_raster: _Raster, features: _Features,
             produced = _read(mds, map_raster, Window(bx, s0, bw, s1 - s0))
             valid = ref_ok & _valid(produced, map_raster, map_nodata)
             tally.covered += int(ref_ok.sum())
-            tally.add(reference[valid], produced[valid], names, map_raster.path,
+            tally.add(reference[valid], produced[valid], map_raster.path,
                       repr(features.path))
     if tally.covered == 0:
-        raise NoSamplesError(f"{names['reference']}: no feature of {features.path!r} covers "
-                             f"a pixel centre of {names['map']} {map_raster.path!r}")
+        raise NoSamplesError(f"reference: no feature of {features.path!r} covers a pixel "
+                             f"centre of {map_raster.name} {map_raster.path!r}")
     return tally
