@@ -463,6 +463,19 @@ def xy_pair(x: int | None, y: int | None) -> tuple[int, int] | None:
     return None if x is None else (x, x if y is None else y)
 
 
+def efield_and_tile_size(app: App) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
+    """``output.efieldx/y`` and ``optim.tilesizex/y`` as pairs (None when not given).
+
+    ``efieldy`` alone is an error (OTBTF derives nothing from it); ``tilesizey`` alone
+    gives square tiles.
+    """
+    ex, ey = app.get("output.efieldx"), app.get("output.efieldy")
+    if ex is None and ey is not None:
+        raise InputError("output.efieldx: missing, but output.efieldy is given")
+    tx, ty = app.get("optim.tilesizex"), app.get("optim.tilesizey")
+    return xy_pair(ex, ey), xy_pair(ty if tx is None else tx, ty)
+
+
 def model_sources(app: App) -> list[Source]:
     """``sourceK.il/rfieldx/rfieldy/nodata/placeholder`` as sources (fields None when not given).
 

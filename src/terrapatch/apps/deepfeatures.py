@@ -19,13 +19,18 @@ from typing import Any
 
 import numpy as np
 
-from terrapatch.apps._base import MODEL_SOURCE_NAMES, App, Param, model_sources
+from terrapatch.apps._base import (
+    MODEL_SOURCE_NAMES,
+    App,
+    Param,
+    efield_and_tile_size,
+    model_sources,
+)
 from terrapatch.apps.serve import SERVE_NAMES, parse_user_placeholders
 from terrapatch.deepfeatures import TrainSummary, classify, train_deep_classifier
 from terrapatch.errors import InputError
 from terrapatch.progress import logger
 from terrapatch.serve import ServeSummary
-from terrapatch.spelling import respelled
 
 _RAM = Param("ram", "int", "accepted for OTB compatibility; ignored")
 
@@ -93,8 +98,8 @@ CLASSIFY_NAMES = {**_model_names("deepmodel"), "classifier": "model",
 
 def _user_placeholders(app: App, group: str) -> dict[str, np.ndarray]:
     """``{group}.userplaceholders`` parsed (errors name that key, not serving's)."""
-    with respelled({"model.userplaceholders": f"{group}.userplaceholders"}):
-        return parse_user_placeholders(app.get(f"{group}.userplaceholders") or ())
+    return parse_user_placeholders(app.get(f"{group}.userplaceholders") or (),
+                                   f"{group}.userplaceholders")
 
 
 def _spcscale(value: Any) -> Any:
@@ -267,12 +272,7 @@ class ImageClassifierFromDeepFeatures(App):
             if self.values.get(key):
                 raise InputError(f"{key}: not supported ({why})")
         sources = model_sources(self)
-        ex, ey = self.get("output.efieldx"), self.get("output.efieldy")
-        if ex is None and ey is not None:
-            raise InputError("output.efieldx: missing, but output.efieldy is given")
-        tx, ty = self.get("optim.tilesizex"), self.get("optim.tilesizey")
-        if tx is None and ty is not None:
-            tx = ty
+        efield, tile_size = efield_and_tile_size(self)
         if self.get("deepmodel.tagsets"):
             logger.info("deepmodel.tagsets ignored: the SavedModel's serving signature is "
                         "used")
@@ -283,8 +283,8 @@ class ImageClassifierFromDeepFeatures(App):
             feature_output=_single_output(self),
             fullyconv=bool(self.get("deepmodel.fullyconv")),
             spcscale=_spcscale(self.get("output.spcscale")),
-            efield=None if ex is None else (ex, ey or ex),
-            tile_size=None if tx is None else (tx, ty or tx),
+            efield=efield,
+            tile_size=tile_size,
             box=out.ext.box, pixel_type=out.pixel_type,
             background=self.get("nodatalabel"),
             creation_options=out.ext.creation_options or None, quiet=self.quiet,

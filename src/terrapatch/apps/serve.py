@@ -6,7 +6,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from terrapatch.apps._base import MODEL_SOURCE_NAMES, App, Param, model_sources, xy_pair
+from terrapatch.apps._base import (
+    MODEL_SOURCE_NAMES,
+    App,
+    Param,
+    efield_and_tile_size,
+    model_sources,
+)
 from terrapatch.errors import InputError
 from terrapatch.progress import logger
 from terrapatch.serve import Normalization, ServeSummary, serve
@@ -45,8 +51,9 @@ SERVE_NAMES = {
 }
 
 
-def parse_user_placeholders(entries: Sequence[str]) -> dict[str, np.ndarray]:
-    """Parse ``model.userplaceholders`` entries the way OTBTF does.
+def parse_user_placeholders(entries: Sequence[str], parameter: str = "model.userplaceholders"
+                            ) -> dict[str, np.ndarray]:
+    """Parse ``model.userplaceholders`` entries the way OTBTF does (errors name ``parameter``).
 
     Each entry is ``name=value``: a scalar gives a tensor of shape ``[1]``, ``(v1, v2,
     ...)`` a tensor of shape ``[n]``. Values made only of ``-0123456789.`` are numeric
@@ -64,34 +71,34 @@ def parse_user_placeholders(entries: Sequence[str]) -> dict[str, np.ndarray]:
         name, text = name.strip(), text.strip()
         if not sep or not name or not text:
             raise InputError(
-                f"model.userplaceholders: {entry!r} is not of the form name=value, "
+                f"{parameter}: {entry!r} is not of the form name=value, "
                 "name=(v1, v2, ...) or name=true|false"
             )
         if text.startswith("(") or text.endswith(")"):
             if not (text.startswith("(") and text.endswith(")")) or text.count("(") != 1 \
                     or text.count(")") != 1:
                 raise InputError(
-                    f"model.userplaceholders: {entry!r}: error parsing vector expression "
+                    f"{parameter}: {entry!r}: error parsing vector expression "
                     "(missing parentheses?)"
                 )
             items = [item.strip() for item in text[1:-1].split(",")]
         else:
             items = [text]
         if any(not item for item in items):
-            raise InputError(f"model.userplaceholders: {entry!r}: empty element")
+            raise InputError(f"{parameter}: {entry!r}: empty element")
         if all(set(item) <= _NUMERIC for item in items):
             is_float = any("." in item for item in items)
             try:
                 array = np.array([float(i) if is_float else int(i) for i in items],
                                  dtype=np.float32 if is_float else np.int32)
             except ValueError:
-                raise InputError(f"model.userplaceholders: {entry!r}: "
+                raise InputError(f"{parameter}: {entry!r}: "
                                  "not a number") from None
         elif all(item.lower() in ("true", "false") for item in items):
             array = np.array([item.lower() == "true" for item in items], dtype=bool)
         else:
             raise InputError(
-                f"model.userplaceholders: {entry!r}: values must be numbers or true/false"
+                f"{parameter}: {entry!r}: values must be numbers or true/false"
             )
         values[name] = array
     return values
@@ -192,12 +199,7 @@ class TensorflowModelServe(App):
         normalizations = [self._normalization(int(s.name[len("source"):]))
                           for s in sources]
         spcscale = self.get("output.spcscale")
-        ex, ey = self.get("output.efieldx"), self.get("output.efieldy")
-        if ex is None and ey is not None:
-            raise InputError("output.efieldx: missing, but output.efieldy is given")
-        tx, ty = self.get("optim.tilesizex"), self.get("optim.tilesizey")
-        if tx is None and ty is not None:
-            tx = ty
+        efield, tile_size = efield_and_tile_size(self)
         if self.get("model.tagsets"):
             logger.info("model.tagsets ignored: the SavedModel's serving signature is used")
         out = self.output("out")
@@ -210,8 +212,8 @@ class TensorflowModelServe(App):
             output_names=list(self.get("output.names") or ()),
             fullyconv=self.get("model.fullyconv"),
             spcscale=spcscale,
-            efield=xy_pair(ex, ey),
-            tile_size=xy_pair(tx, ty),
+            efield=efield,
+            tile_size=tile_size,
             box=out.ext.box,
             pixel_type=out.pixel_type,
             background=self.get("output.bv"),
