@@ -23,7 +23,7 @@ from terrapatch.serve import prepare_serve, serve
 from terrapatch.testing import assert_same_map, faults, read_raster
 from terrapatch.testing.onnx_models import conv_onnx
 from terrapatch.testing.rasters import write_raster
-from terrapatch.writer import PendingOutput
+from terrapatch.writer import PendingOutput, read_category_names
 
 L, T = 500000.0, 4000000.0
 CRS = "EPSG:32631"
@@ -163,12 +163,18 @@ def test_cog_class_map_nearest_overviews_colormap_and_names(data, tmp_path):
     with rasterio.open(out) as ds:
         assert ds.colormap(1)[1] == (255, 0, 0, 255)
         assert ds.colormap(1)[2] == (0, 255, 0, 255)
-        assert ds.tags(1)["CLASS_NAMES"] == "background,crop,forest"
+        assert "CLASS_NAMES" not in ds.tags(1)  # one legend: GDAL's category names
         full = ds.read(1)
         factor = ds.overviews(1)[0]
         overview = ds.read(1, out_shape=(full.shape[0] // factor, full.shape[1] // factor))
     # nearest: every overview value is a class of the full map (no averaged classes)
     assert set(np.unique(overview)) <= set(np.unique(full))
+    assert read_category_names(out) == ["background", "crop", "forest"]
+    with pytest.raises(InputError, match=r"^colormap: class colours and names need a uint8 or "
+                                         r"uint16 map; this one is float32"):
+        serve(sources(data), str(one_band), tmp_path / "scores.tif", fullyconv=True,
+              quiet=True, class_names=["background", "crop", "forest"])
+    assert not (tmp_path / "scores.tif").exists()
 
 
 def test_cog_by_the_extended_file_name_on_the_cli(data, reference, tmp_path):
@@ -407,7 +413,7 @@ def test_bad_output_settings_are_one_line_errors(data, tmp_path, out, kw, messag
 
 def test_output_that_is_an_input_is_refused(data, tmp_path):
     before = data["s10"].read_bytes()
-    with pytest.raises(InputError, match=r"out: '.*s10\.tif' is also source2\.il; the map "
+    with pytest.raises(InputError, match=r"out: '.*s10\.tif' is also source2\.paths; the map "
                                          r"would replace its input"):
         run(data, data["s10"])
     assert data["s10"].read_bytes() == before

@@ -96,7 +96,9 @@ def serve(
     colormap
         Colour table of band 1 (class value → ``(r, g, b[, a])``) for class maps.
     class_names
-        Category names of band 1, by class value (tag ``CLASS_NAMES``; VRT categories).
+        Category names of band 1, by class value (GDAL category names: the PAM sidecar
+        ``map.tif.aux.xml`` of a GeoTIFF, the XML of a VRT). Colours and names need a
+        one-band ``uint8`` or ``uint16`` map.
     sink
         ``"ordered"`` (one writer here) or ``"blocks"`` (block files, written by the
         workers on a cluster). Default: blocks on a cluster, for ``resume`` and for VRT

@@ -323,6 +323,10 @@ class ServeJob:
         if (fmt.colormap or fmt.class_names) and self.runner.bands != 1:
             raise InputError(f"colormap: class colours and names need a one-band map; this "
                              f"one has {self.runner.bands} bands (serve the class output only)")
+        if (fmt.colormap or fmt.class_names) and dtype.name not in LEGEND_DTYPES:
+            raise InputError(f"colormap: class colours and names need a "
+                             f"{' or '.join(LEGEND_DTYPES)} map; this one is {dtype.name} "
+                             "(give pixel_type='uint8')")
         on_cluster = scheduler is not None or workers is not None
         blocks_sink = resume or fmt.blocks_only or (on_cluster and sink != "ordered")
         if sink == "ordered" and blocks_sink:

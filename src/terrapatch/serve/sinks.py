@@ -98,11 +98,13 @@ class OrderedWriter:
 
 
 def describe_classes(dataset: Any, map_format: MapFormat) -> None:
-    """Attach a class map's colour table and category names to band 1 of an open dataset."""
+    """Attach a class map's colour table to band 1 of an open dataset.
+
+    Its category names go to the finished map's PAM sidecar, where GDAL and QGIS read
+    them (:func:`terrapatch.writer.apply_legend`), or into a VRT's XML.
+    """
     if map_format.colormap:
         dataset.write_colormap(1, map_format.colormap)
-    if map_format.class_names:
-        dataset.update_tags(1, CLASS_NAMES=",".join(map_format.class_names))
 
 
 @dataclass(frozen=True)
