@@ -91,7 +91,7 @@ def read_layers(
     field: str,
     geometry_types: tuple[int, ...],
     expected: str,
-    parameter: str = "vec",
+    parameter: str = "vector",
 ) -> tuple[list[LayerFeatures], int]:
     """Read, from every layer in file order, the features that carry ``field``.
 
@@ -157,7 +157,7 @@ def read_points(
     field: str,
     crs: CRS | None = None,
     reproject: bool = False,
-    parameter: str = "vec",
+    parameter: str = "vector",
 ) -> PointSet:
     """Read labelled points from every layer of a vector file (GeoJSON, GPKG, Shapefile…).
 
@@ -178,7 +178,7 @@ def read_points(
     """
     layers, skipped = read_layers(
         path, field, (0,), "a point; sample positions must be points "
-        "(see PatchesSelection or PolygonSampleSelection)", parameter)
+        "(terrapatch.sampling.select_patches and sample_polygons make points)", parameter)
     target = crs if crs is not None else next(
         (layer.crs for layer in layers if layer.crs is not None), None)
     xs, ys, labels = [np.empty(0)], [np.empty(0)], [np.empty(0, dtype=np.int64)]
@@ -197,7 +197,7 @@ def read_points(
                 raise CRSMismatchError(
                     f"{parameter}: CRS {crs_label(layer.crs)} of layer {layer.name!r} in "
                     f"{os.fspath(path)!r} differs from the rasters' CRS {crs_label(target)}; "
-                    "reproject the points (or pass reproject=True / -vec.reproject true)"
+                    "reproject the points, or give reproject=True"
                 )
             if len(x):
                 from rasterio.warp import transform
