@@ -70,6 +70,10 @@ def test_candidate_starts_reference_example():
     assert S.candidate_starts(10, 11, 1).tolist() == []
     # negative offsets are taken modulo the step
     assert S.candidate_starts(20, 4, 5, -1).tolist() == S.candidate_starts(20, 4, 5, 4).tolist()
+    with pytest.raises(InputError, match=r"^psize: 0 must be ≥ 1"):
+        S.candidate_starts(20, 0, 5)
+    with pytest.raises(InputError, match=r"^step: 0 must be ≥ 1"):
+        S.candidate_starts(20, 4, 0)
 
 
 def test_split_sequences_of_reference():
@@ -78,7 +82,7 @@ def test_split_sequences_of_reference():
         [0, 1, 2, 0, 0, 0, 0, 0, 0, 0, 0, 1, 2, 0]
     assert S.split_sequence(6, (1, 0, 0)).tolist() == [0] * 6
     assert S.split_sequence(4, (1, 1, 0)).tolist() == [0, 1, 0, 1]
-    with pytest.raises(InputError):
+    with pytest.raises(InputError, match=r"^proportions: \[0.0, 0.0, 0.0\] must be ≥ 0"):
         S.split_sequence(3, (0, 0, 0))
 
 
@@ -105,7 +109,7 @@ def test_selected_patches_are_the_extracted_ones(tmp_path):
     img = coordinate_raster(tmp_path / "c.tif", 57, 45, T10)
     for psize, step, off in ((8, 7, 2), (5, 6, 0), (6, 4, 3)):
         sel = S.select_patches(img, psize, step, offset=(off, off + 1), strategy="all")
-        out = sel.write(tmp_path / f"pts{psize}.gpkg")["outtrain"]
+        out = sel.write(tmp_path / f"pts{psize}.gpkg")["train"]
         points = read_points(out, "id")
         assert len(points) == len(sel)
         summary = extract_patches([Source(img, patch_size=psize)], out, "id",
@@ -128,7 +132,7 @@ def test_multiresolution_offsets_keep_windows(tmp_path):
     img20 = coordinate_raster(tmp_path / "c20.tif", 32, 24, t20)
     sel = S.select_patches(img10, 16, 16, offset=15, strategy="all")
     assert sel.starts[0].tolist()[:4] == [0, 16, 32, 48]
-    out = sel.write(tmp_path / "p.gpkg")["outtrain"]
+    out = sel.write(tmp_path / "p.gpkg")["train"]
     summary = extract_patches([Source(img10, patch_size=16), Source(img20, patch_size=8,
                                                                     name="source2")],
                               out, "id", [tmp_path / "a.tif", tmp_path / "b.tif"])
@@ -210,7 +214,7 @@ def test_mask_nonzero_is_valid_and_whole_window(tmp_path):
     with pytest.raises(NoSamplesError, match="none of the 16"):
         S.select_patches(img, 3, 3, offset=2, mask=empty, strategy="all")
     shifted = write_raster(tmp_path / "s.tif", mask, T10 @ Affine.translation(1, 0))
-    with pytest.raises(GeometryError, match="mask"):
+    with pytest.raises(GeometryError, match=r"^mask: .* is not on the grid of image="):
         S.select_patches(img, 3, 3, mask=shifted)
 
 
@@ -231,8 +235,9 @@ def test_split_proportions_and_seeded_shuffle(tmp_path):
     assert a.counts() == det.counts() == {"train": 50, "valid": 25, "test": 25}
     two = S.select_patches(img, 4, 4, offset=3, strategy="split", proportions=(80, 20, 0))
     assert two.counts() == {"train": 80, "valid": 20, "test": 0}
-    for bad in ((0, 0, 0), (50, -1, 10), (float("nan"), 1, 1)):
-        with pytest.raises(InputError, match=r"strategy\.split"):
+    for bad, name in (((0, 0, 0), "proportions: "), ((50, -1, 10), r"proportions\[1\]: -1.0"),
+                      ((float("nan"), 1, 1), r"proportions\[0\]: nan")):
+        with pytest.raises(InputError, match=name):
             S.select_patches(img, 4, 4, strategy="split", proportions=bad)
 
 
@@ -241,13 +246,14 @@ def test_write_groups(tmp_path, caplog):
     sel = S.select_patches(img, 4, 4, offset=3, strategy="chessboard")
     with caplog.at_level(logging.INFO, logger="terrapatch"):
         written = sel.write(tmp_path / "t.geojson")
-    assert "group valid not written" in caplog.text
-    pts = read_points(written["outtrain"], "id")
+    assert "group valid not written (valid=None)" in caplog.text
+    assert set(written) == {"train"}
+    pts = read_points(written["train"], "id")
     assert len(pts) == 50 and pts.labels.tolist() == sel.group(0).fields["id"].tolist()
-    with pytest.raises(NoSamplesError, match="outtest"):
+    with pytest.raises(NoSamplesError, match=r"^test: no patch was assigned to group test"):
         sel.write(tmp_path / "a.gpkg", tmp_path / "b.gpkg", tmp_path / "c.gpkg")
     assert not (tmp_path / "a.gpkg").exists()   # nothing written when one output fails
-    with pytest.raises(OutputError, match="outvalid"):
+    with pytest.raises(OutputError, match=r"^valid: "):
         sel.write(tmp_path / "a.gpkg", tmp_path / "missing" / "b.gpkg")
     with pytest.raises(InputError, match="vector format"):
         sel.write(tmp_path / "a.txt")
@@ -289,24 +295,37 @@ def test_balanced_evens_out_classes(tmp_path):
     assert cos(shares(a)) > cos(shares(everything)) + 0.05
     assert shares(a)[2] > 3 * shares(everything)[2]
     assert set(np.unique(a.groups).tolist()) <= {0, 1}
-    with pytest.raises(InputError, match="labelimage"):
+    with pytest.raises(InputError, match=r"^label_image: required with strategy balanced"):
         S.select_patches(lpath, 6, 6, strategy="balanced")
-    with pytest.raises(InputError, match="nclasses"):
+    with pytest.raises(InputError, match=r"^label_image: label value 2 is not one of the "
+                                         r"classes 0\.\.1 \(nclasses=2\)"):
         S.select_patches(lpath, 6, 6, strategy="balanced", label_image=lpath, nclasses=2)
+    with pytest.raises(InputError, match=r"^nclasses: 1 must be ≥ 2"):
+        S.select_patches(lpath, 6, 6, strategy="balanced", label_image=lpath, nclasses=1)
+    with pytest.raises(InputError, match=r"^spatial_proportion: 1.5 must be in \[0, 1\]"):
+        S.select_patches(lpath, 6, 6, strategy="balanced", label_image=lpath,
+                         spatial_proportion=1.5)
 
 
 def test_select_patches_errors(tmp_path):
     img = coordinate_raster(tmp_path / "c.tif", 20, 20, T10)
-    with pytest.raises(MissingInputError, match="in: file"):
+    with pytest.raises(MissingInputError, match=r"^image: file"):
         S.select_patches(tmp_path / "nope.tif", 4, 4)
-    with pytest.raises(MissingInputError, match="mask"):
+    with pytest.raises(MissingInputError, match=r"^mask: file"):
         S.select_patches(img, 4, 4, mask=tmp_path / "nope.tif")
     with pytest.raises(InputError, match="strategy: 'zigzag'"):
         S.select_patches(img, 4, 4, strategy="zigzag")
-    with pytest.raises(InputError, match=r"grid\.psize"):
+    with pytest.raises(InputError, match=r"^psize: patch 40×40 does not fit"):
         S.select_patches(img, 40, 4)
-    with pytest.raises(InputError, match=r"grid\.step"):
+    with pytest.raises(InputError, match=r"^step: 0 must be ≥ 1"):
         S.select_patches(img, 4, 0)
+    with pytest.raises(InputError, match=r"^psize\[1\]: 0 must be ≥ 1"):
+        S.select_patches(img, (4, 0), 4)
+    with pytest.raises(InputError, match=r"^factor: 0 is not a positive integer"):
+        S.select_patches(img, 4, 4, factor=0)
+    with pytest.raises(NoSamplesError, match=r"^grid: no candidate patch fits .* with "
+                                             r"psize=20×20, step=5×5, offset=0, 0"):
+        S.select_patches(img, 20, 5)
     (tmp_path / "junk.tif").write_text("not a raster")
     with pytest.raises(InputError, match="not a readable raster"):
         S.select_patches(tmp_path / "junk.tif", 4, 4)
@@ -382,7 +401,7 @@ def test_label_image_total_smallest_all_pad(small_labels):
     # OTBTF's strided total can round every class down to nothing
     assert len(S.select_from_label_image(path, strategy="total", total=1, nodata=-1,
                                          method="strided")) == 0
-    with pytest.raises(InputError, match=r"strategy\.total\.v: 100 points requested but only 47"):
+    with pytest.raises(InputError, match=r"^total: 100 points requested but only 47"):
         S.select_from_label_image(path, strategy="total", total=100, nodata=-1)
     with pytest.raises(InputError, match="pad"):
         S.select_from_label_image(path, strategy="all", pad=3)
@@ -397,8 +416,12 @@ def test_label_image_bad_inputs(tmp_path):
     frac = write_raster(tmp_path / "f.tif", np.full((4, 4), 1.5, np.float32), T10)
     with pytest.raises(InputError, match="not an integer"):
         S.select_from_label_image(frac, strategy="all")
-    with pytest.raises(MissingInputError, match="inref"):
+    with pytest.raises(MissingInputError, match=r"^label_image: file"):
         S.select_from_label_image(tmp_path / "x.tif")
+    with pytest.raises(InputError, match=r"^count: 0 must be ≥ 1"):
+        S.select_from_label_image(frac, count=0)
+    with pytest.raises(InputError, match=r"^total: 0 must be ≥ 1"):
+        S.select_from_label_image(frac, strategy="total", total=0)
 
 
 # ------------------------------------------------------------------ polygons
@@ -464,11 +487,13 @@ def test_polygon_statistics_errors(polygon_scene, tmp_path):
     img, vec = polygon_scene
     with pytest.raises(InputError, match="field: 'kind' is not a field"):
         S.polygon_class_statistics(img, vec, "kind")
-    with pytest.raises(MissingInputError, match="vec"):
+    with pytest.raises(MissingInputError, match=r"^polygons: file"):
         S.polygon_class_statistics(img, tmp_path / "none.gpkg", "code")
+    with pytest.raises(MissingInputError, match=r"^raster: file"):
+        S.polygon_class_statistics(tmp_path / "none.tif", vec, "code")
     far = _write_polygons(tmp_path / "far.gpkg", [_box(100, 100, 110, 110)],
                           {"code": np.array([1])})
-    with pytest.raises(NoSamplesError, match="covers a pixel centre"):
+    with pytest.raises(NoSamplesError, match=r"^polygons: no polygon .* covers a pixel centre"):
         S.polygon_class_statistics(img, far, "code")
     pts = _write_polygons(tmp_path / "pts.gpkg", [shapely.Point(1005, 4995)],
                           {"code": np.array([1])})
@@ -502,8 +527,9 @@ def test_sample_polygons_strategies(polygon_scene, tmp_path):
                              counts={"water": 3, "forest": 2}, seed=1)
     assert np.array_equal(same.samples.x, quota.samples.x)
     written = quota.write(tmp_path / "q.gpkg")
-    assert json.loads(written["outclassmap"].read_text())["classes"] == {"0": "forest",
-                                                                       "1": "water"}
+    assert set(written) == {"out", "class_map"}
+    assert json.loads(written["class_map"].read_text())["classes"] == {"0": "forest",
+                                                                     "1": "water"}
     back = read_points(written["out"], "class")
     assert back.labels.tolist() == quota.samples.fields["class"].tolist()
 
@@ -520,16 +546,24 @@ def test_sample_polygons_random_mode_stays_in_pixel(polygon_scene):
 
 def test_sample_polygons_errors(polygon_scene):
     img, vec = polygon_scene
-    with pytest.raises(InputError, match=r"strategy\.constant\.nb: 12 points requested for class"
+    with pytest.raises(InputError, match=r"^counts: 12 points requested for class"
                                          r" forest but its polygons cover only 11"):
         S.sample_polygons(img, vec, "fclass", strategy="constant", counts=12)
-    with pytest.raises(InputError, match=r"strategy\.balanced\.nb"):
+    with pytest.raises(InputError, match=r"^counts: 17 points requested"):
         S.sample_polygons(img, vec, "code", strategy="balanced", counts=17)
+    with pytest.raises(InputError, match=r"^counts: 0 must be ≥ 1"):
+        S.sample_polygons(img, vec, "code", strategy="balanced", counts=0)
+    with pytest.raises(InputError, match=r"^counts: count -1 of class 'water' must be ≥ 0"):
+        S.sample_polygons(img, vec, "fclass", strategy="constant", counts={"water": -1})
+    with pytest.raises(InputError, match=r"^counts: per-class counts need strategy constant"):
+        S.sample_polygons(img, vec, "fclass", strategy="balanced", counts={"water": 1})
+    with pytest.raises(InputError, match=r"^counts: 3 is not used with strategy all"):
+        S.sample_polygons(img, vec, "code", strategy="all", counts=3)
     with pytest.raises(InputError, match="class 'grass' is not a value"):
         S.sample_polygons(img, vec, "fclass", strategy="constant", counts={"grass": 1})
     with pytest.raises(InputError, match="class 12 is not a value"):
         S.sample_polygons(img, vec, "code", strategy="constant", counts={12: 1})
-    with pytest.raises(InputError, match=r"strategy\.constant\.nb"):
+    with pytest.raises(InputError, match=r"^counts: a count per class is required"):
         S.sample_polygons(img, vec, "code", strategy="constant")
     with pytest.raises(InputError, match="mode"):
         S.sample_polygons(img, vec, "code", mode="jitter")
@@ -561,7 +595,7 @@ def test_real_strata_patches_extract_with_landsat(real_data, tmp_path):
     assert sel.n_invalid > 0 and len(sel) > 300
     out = sel.write(tmp_path / "train.gpkg", tmp_path / "valid.gpkg")
     summary = extract_patches([Source(base / "lsat7_2000_10.tif", patch_size=16,
-                                      nodata=-99999)], out["outtrain"], "class",
+                                      nodata=-99999)], out["train"], "class",
                               [tmp_path / "p.tif"], labels_out=tmp_path / "l.tif")
     # the selection checked the same windows for nodata, so extraction drops nothing
     assert summary.n_collected == sel.counts()["train"]
@@ -635,7 +669,7 @@ def test_selection_on_the_extraction_grid_of_two_sources(tmp_path):
     t20 = Affine(20, 0, 500000, 0, -20, 4000000)
     img10 = coordinate_raster(tmp_path / "c10.tif", 96, 96, t10)
     img20 = coordinate_raster(tmp_path / "c20.tif", 48, 48, t20)
-    with pytest.raises(InputError, match=r"grid.offsetx: with grid.factor 2"):
+    with pytest.raises(InputError, match=r"^offset\[0\]: with factor=2"):
         S.select_patches(img10, psize=16, step=16, factor=2)  # default offset: odd starts
     sel = S.select_patches(img10, psize=16, step=16, offset=15, factor=2, strategy="all")
     sel.write(tmp_path / "p.gpkg")
@@ -657,10 +691,10 @@ def test_group_files_are_written_together_or_not_at_all(tmp_path):
     sel = S.select_patches(img, 4, 4, offset=3, strategy="split", proportions=(50, 25, 25))
     out = tmp_path / "out"
     out.mkdir()
-    with pytest.raises(InputError, match="outtest"):
+    with pytest.raises(InputError, match=r"^test: "):
         sel.write(out / "train.gpkg", out / "valid.gpkg", out / "test.csv")
     assert list(out.iterdir()) == []
     written = sel.write(out / "train.gpkg", out / "valid.gpkg", out / "test.gpkg")
     assert sorted(p.name for p in out.iterdir()) == ["test.gpkg", "train.gpkg", "valid.gpkg"]
-    assert set(written) == {"outtrain", "outvalid", "outtest"}
+    assert set(written) == {"train", "valid", "test"}
     assert pyogrio.list_layers(out / "train.gpkg")[0][0] == "train"

@@ -4,11 +4,17 @@
 ``DensePolygonClassStatistics`` accept OTBTF's parameter keys (plus a ``seed``
 and a few documented extensions); ``PolygonSampleSelection`` is terrapatch's own
 (points drawn inside labelled polygons). See ``docs/selection.md``.
+
+The core names parameters by its keywords (:mod:`terrapatch.spelling`); each
+application's ``spelling`` gives their keys here (:data:`PATCHES_NAMES`,
+:data:`LABEL_NAMES`, :data:`STATISTICS_NAMES`, :data:`POLYGON_NAMES`), and its
+name to the core's log records (``grid selection: …`` reads ``PatchesSelection: …``).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +34,33 @@ from terrapatch.sampling import (
     select_from_label_image,
     select_patches,
 )
+from terrapatch.spelling import respelled
 from terrapatch.writer import Output, claim_outputs
+
+#: OTBTF keys of :func:`~terrapatch.sampling.select_patches`'s identifiers (the label
+#: image is ``label``, or ``strategy.balanced.labelimage`` with strategy balanced).
+PATCHES_NAMES = {
+    "image": "in", "psize": "grid.psize", "step": "grid.step",
+    "offset": "grid.offsetx/offsety", "offset[0]": "grid.offsetx", "offset[1]": "grid.offsety",
+    "factor": "grid.factor", "proportions": "strategy.split.*prop",
+    "proportions[0]": "strategy.split.trainprop", "proportions[1]": "strategy.split.validprop",
+    "proportions[2]": "strategy.split.testprop", "spatial_proportion": "strategy.balanced.sp",
+    "nclasses": "strategy.balanced.nclasses", "label_image": "label",
+    "train": "outtrain", "valid": "outvalid", "test": "outtest",
+    "grid selection": "PatchesSelection", "balanced grid selection": "PatchesSelection balanced",
+}
+#: OTBTF keys of :func:`~terrapatch.sampling.select_from_label_image`'s identifiers.
+LABEL_NAMES = {"label_image": "inref", "count": "strategy.constant.nb",
+               "total": "strategy.total.v", "method": "pick",
+               "label selection": "LabelImageSampleSelection"}
+#: OTBTF keys of :func:`~terrapatch.sampling.polygon_class_statistics`'s identifiers.
+STATISTICS_NAMES = {"raster": "in", "polygons": "vec",
+                    "polygon statistics": "DensePolygonClassStatistics"}
+#: Keys of :func:`~terrapatch.sampling.sample_polygons`'s identifiers (``counts``: see
+#: :func:`counts_names`).
+POLYGON_NAMES = {"raster": "in", "polygons": "vec", "class_map": "outclassmap",
+                 "polygon selection": "PolygonSampleSelection",
+                 "balanced polygon selection": "PolygonSampleSelection balanced"}
 
 _RAM = Param("ram", "int", "accepted for OTB compatibility; ignored (memory is bounded by "
              "strips of rows)")
@@ -57,6 +89,7 @@ class PatchesSelection(App):
     description = ("choose patch positions on a regular grid of a raster (nodata / mask "
                    "filtered) and split them into train / valid / test point files")
     primary_output = "outtrain"
+    spelling = PATCHES_NAMES
     params = (
         Param("in", "path", "reference image: defines the grid (and nodata pixels)",
               required=True),
@@ -133,8 +166,11 @@ class PatchesSelection(App):
                                  f"{balanced_label!r}; balanced uses one label image")
             label = balanced_label
         inputs = {"in": self.get("in"), "mask": self.get("mask"), "label": label}
-        with claim_outputs({k: Output(v, "vector") if v else None for k, v in outs.items()},
-                           inputs):
+        label_key = {"label_image": "strategy.balanced.labelimage"} \
+            if strategy == "balanced" else {}
+        with respelled(label_key), \
+                claim_outputs({k: Output(v, "vector") if v else None for k, v in outs.items()},
+                              inputs):
             return self._select(strategy, proportions, label, outs)
 
     def _select(self, strategy: str, proportions: tuple[float, float, float], label: Any,
@@ -160,6 +196,7 @@ class LabelImageSampleSelection(App):
     name = "LabelImageSampleSelection"
     description = "draw sample points (pixel centres) per class from a label image"
     primary_output = "outvec"
+    spelling = LABEL_NAMES
     params = (
         Param("inref", "path", "label image (integer classes, band 1)", required=True),
         Param("strategy", "choice", "how many points per class", default="constant",
@@ -200,6 +237,7 @@ class DensePolygonClassStatistics(App):
     description = ("count pixels per class and per polygon, polygons rasterised on the grid "
                    "of an image (pixel-centre rule)")
     primary_output = "out"
+    spelling = STATISTICS_NAMES
     params = (
         Param("in", "path", "support image (grid)", required=True),
         Param("vec", "path", "polygons (reprojected to the image's CRS if needed)",
@@ -241,6 +279,19 @@ def _parse_counts(items: tuple[str, ...]) -> dict[str, int]:
     return counts
 
 
+def counts_names(strategy: str, counts: Any) -> dict[str, str]:
+    """The key of :func:`~terrapatch.sampling.sample_polygons`'s ``counts`` for a run.
+
+    ``strategy.constant.counts`` for per-class counts, else ``strategy.<strategy>.nb``;
+    none with strategy ``all``, which takes no counts.
+    """
+    if strategy == "all":
+        return {}
+    if isinstance(counts, Mapping):
+        return {"counts": "strategy.constant.counts"}
+    return {"counts": f"strategy.{strategy}.nb"}
+
+
 class PolygonSampleSelection(App):
     """Draw points per class inside labelled polygons (terrapatch extension)."""
 
@@ -248,6 +299,7 @@ class PolygonSampleSelection(App):
     description = ("draw points per class inside labelled polygons, at most one per pixel of "
                    "the image, ready for PatchesExtraction")
     primary_output = "out"
+    spelling = POLYGON_NAMES
     params = (
         Param("in", "path", "image whose pixels the points are placed in", required=True),
         Param("vec", "path", "labelled polygons (reprojected to the image's CRS if needed)",
@@ -296,9 +348,10 @@ class PolygonSampleSelection(App):
                     raise InputError(f"{key}: counts are not used with strategy all")
         class_map = self.get("outclassmap")
         default_map = Path(out).with_suffix(".classes.json")  # written for string classes
-        with claim_outputs({"out": Output(out, "vector"),
-                            "outclassmap": Output(class_map or default_map, "json")},
-                           {"in": self.get("in"), "vec": self.get("vec")}):
+        with respelled(counts_names(strategy, counts)), \
+                claim_outputs({"out": Output(out, "vector"),
+                               "outclassmap": Output(class_map or default_map, "json")},
+                              {"in": self.get("in"), "vec": self.get("vec")}):
             result = sample_polygons(
                 self.get("in"), self.get("vec"), self.get("field"), strategy=strategy,
                 counts=counts, mode=self.get("mode"), seed=self.get("seed"),

@@ -17,14 +17,18 @@ from terrapatch.progress import logger
 
 def class_index(labels: np.ndarray, valid: np.ndarray, classes: np.ndarray,
                 parameter: str) -> np.ndarray:
-    """Index of each label in ``classes`` (-1 where not valid); unknown labels are an error."""
+    """Index of each label in ``classes`` (-1 where not valid); unknown labels are an error.
+
+    ``classes`` is ``0 .. nclasses - 1`` when labels can be unknown: the error names
+    ``parameter`` (the label raster's) and ``nclasses``.
+    """
     pos = np.searchsorted(classes, labels)
     pos_c = np.clip(pos, 0, len(classes) - 1)
     known = classes[pos_c] == labels
     if (valid & ~known).any():
         value = labels[valid & ~known][0]
         raise InputError(f"{parameter}: label value {value} is not one of the classes "
-                         f"{classes.min()}..{classes.max()} (strategy.balanced.nclasses)")
+                         f"{classes.min()}..{classes.max()} (nclasses={len(classes)})")
     return np.where(valid, pos_c, -1)
 
 
@@ -45,10 +49,9 @@ def balanced_subset(hist: np.ndarray, spatial_proportion: float, seed: int) -> n
     totals = h.sum(axis=0)
     present = totals > 0
     if not present.any():
-        raise NoSamplesError("strategy.balanced.labelimage: no candidate window holds a "
-                             "labelled pixel")
+        raise NoSamplesError("label_image: no candidate window holds a labelled pixel")
     if (~present).any():
-        logger.warning("PatchesSelection balanced: %d class(es) absent from every candidate "
+        logger.warning("balanced grid selection: %d class(es) absent from every candidate "
                        "window are left out of the balance", int((~present).sum()))
     h = h[:, present]
     totals = totals[present]
@@ -73,7 +76,7 @@ def balanced_subset(hist: np.ndarray, spatial_proportion: float, seed: int) -> n
         if c > best + 1e-12:
             keep[i] = True
             cum, best = candidate, c
-    logger.info("PatchesSelection balanced: %d of %d candidates kept (%d spatial), class "
+    logger.info("balanced grid selection: %d of %d candidates kept (%d spatial), class "
                 "shares %s", int(keep.sum()), n, n_seed,
                 np.round(cum / max(cum.sum(), 1), 3).tolist())
     return keep

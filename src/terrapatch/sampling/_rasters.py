@@ -1,10 +1,10 @@
 """Rasters of sample selection: sources named by their parameter, read by strips of rows.
 
 What remains raster-specific once :mod:`terrapatch.raster` opens and checks the
-files: errors name the selection's own parameter (``in``, ``mask``, ``label``,
-``inref``…, not ``<name>.il``), the file's nodata is known, rasters given apart
-must share a grid, reads go by strips of rows bounded by :data:`STRIP_BYTES`, and
-label rasters become integer classes with one nodata / NaN rule.
+files: errors name the selection's own parameter (``image``, ``mask``,
+``label_image``…), the file's nodata is known, rasters given apart must share a
+grid, reads go by strips of rows bounded by :data:`STRIP_BYTES`, and label rasters
+become integer classes with one nodata / NaN rule.
 """
 
 from __future__ import annotations
@@ -36,14 +36,6 @@ STRIP_BYTES = 64 * 2**20
 CLASS_WORK_BYTES = 64
 
 
-def _renamed(exc: TerrapatchError, parameter: str) -> TerrapatchError:
-    """The same error, naming ``parameter`` where :class:`Source` names ``<parameter>.il``."""
-    text, prefix = str(exc), f"{parameter}.il: "
-    if text.startswith(prefix):
-        text = f"{parameter}: {text[len(prefix):]}"
-    return type(exc)(text)
-
-
 @dataclass(frozen=True)
 class Raster:
     """A raster given to a selection parameter, opened and checked as a :class:`Source`.
@@ -51,11 +43,12 @@ class Raster:
     Attributes
     ----------
     source
-        The source (its errors are re-keyed to ``parameter``).
+        The source, named ``parameter`` (so its errors start with ``parameter:``).
     path
         The path as given, for messages.
     parameter
-        The selection parameter that named it (``in``, ``mask``, ``inref``…).
+        The keyword of the selection function that took it (``image``, ``mask``,
+        ``label_image``…).
     grid
         Its grid, named ``"<parameter> (<path>)"`` in errors.
     nodata
@@ -93,11 +86,8 @@ def open_raster(path: PathLike, parameter: str) -> Raster:
         georeferenced), with ``parameter:`` first.
     """
     text = os.fspath(path)
-    try:
-        source = Source(text, name=parameter)
-        grid = source.grid  # opens and checks the files
-    except TerrapatchError as exc:
-        raise _renamed(exc, parameter) from None
+    source = Source(text, name=parameter)
+    grid = source.grid  # opens and checks the files
     with rasterio.open(source.paths[0]) as ds:  # Source does not keep the file's nodata
         nodata = ds.nodata
     return Raster(source, text, parameter, dataclasses.replace(grid, name=f"{parameter} ({text})"),
@@ -109,10 +99,7 @@ class RasterReader:
 
     def __init__(self, raster: Raster) -> None:
         self.raster = raster
-        try:
-            self._reader = raster.source.open()
-        except TerrapatchError as exc:
-            raise _renamed(exc, raster.parameter) from None
+        self._reader = raster.source.open()
 
     def read(self, window: Window) -> np.ndarray:
         """Every band of ``window``; a damaged file is an :class:`InputError` naming it."""
@@ -122,7 +109,7 @@ class RasterReader:
             # SourceReader re-raises GDAL's error "from None": its context holds the reason.
             if isinstance(exc.__context__, RasterioError | OSError):
                 raise self._damaged(exc.__context__) from None
-            raise _renamed(exc, self.raster.parameter) from None
+            raise
         except (RasterioError, OSError) as exc:
             raise self._damaged(exc) from None
 
@@ -155,7 +142,7 @@ def check_same_grid(ref: Raster, other: Raster) -> None:
     if (a.width, a.height) != (b.width, b.height) or not a.transform.almost_equals(b.transform):
         raise GeometryError(
             f"{other.parameter}: {other.path!r} ({b.width}×{b.height}, origin {b.x0}, {b.y0}, "
-            f"pixel {b.spacing}) is not on the grid of {ref.parameter} {ref.path!r} "
+            f"pixel {b.spacing}) is not on the grid of {ref.parameter}={ref.path!r} "
             f"({a.width}×{a.height}, origin {a.x0}, {a.y0}, pixel {a.spacing})"
         )
     if a.crs != b.crs:

@@ -1,4 +1,4 @@
-"""Grid selection (OTBTF ``PatchesSelection``): patches on a regular grid, split into groups.
+"""Grid selection: patches on a regular grid of a raster, split into train / valid / test.
 
 :func:`select_patches` lays the candidate patches of :func:`candidate_starts` on a
 reference raster, keeps those that are windows of cells of the extraction's
@@ -40,7 +40,7 @@ from terrapatch.sampling._rasters import (
 from terrapatch.sampling.samples import PatchSelection, Samples
 from terrapatch.scales import check_factor
 
-#: PatchesSelection strategies.
+#: Grid selection strategies.
 PATCH_STRATEGIES = ("chessboard", "split", "all", "balanced")
 
 
@@ -53,8 +53,9 @@ def candidate_starts(size: int, psize: int, step: int, offset: int = 0) -> np.nd
     starts at pixel 1), made consistent at ``offset ≡ step - 1`` where OTBTF admits the
     patch starting at pixel 0 only when ``nodata`` is set; terrapatch always admits it.
     """
-    if step < 1 or psize < 1:
-        raise InputError(f"grid: step {step} and psize {psize} must be ≥ 1")
+    for name, value in (("psize", psize), ("step", step)):
+        if value < 1:
+            raise InputError(f"{name}: {value} must be ≥ 1")
     first = (offset + 1) % step
     return np.arange(first, size - psize + 1, step, dtype=np.int64)
 
@@ -72,10 +73,9 @@ def _on_sampling_grid(layout: Layout, starts: np.ndarray,
     index = np.clip(np.searchsorted(windows, starts), 0, len(windows) - 1)
     hit = windows[index] == starts
     if not hit.any():
-        key = "grid.offsetx" if dim == 0 else "grid.offsety"
         phase = int(windows[len(windows) // 2]) % f
         raise InputError(
-            f"{key}: with grid.factor {f} patches must start on the sampling grid "
+            f"offset[{dim}]: with factor={f} patches must start on the sampling grid "
             f"(start ≡ {phase} mod {f}), but every candidate start is ≡ {int(starts[0]) % f}; "
             "change the offset or the step"
         )
@@ -101,7 +101,8 @@ def split_sequence(n: int, proportions: Sequence[float]) -> np.ndarray:
     """
     props = np.asarray(proportions, dtype=np.float32)
     if (props < 0).any() or not np.isfinite(props).all() or props.sum() <= 0:
-        raise InputError(f"proportions {list(map(float, proportions))} must be ≥ 0 and not all 0")
+        raise InputError(f"proportions: {list(map(float, proportions))} must be ≥ 0 and not "
+                         "all 0")
     total = np.float32(props.sum())
     counts = [np.float32(0.0) if p > 0 else np.float32(np.inf) for p in props]
     incs = [np.float32(total / p) if p > 0 else np.float32(0.0) for p in props]
@@ -117,19 +118,17 @@ def split_sequence(n: int, proportions: Sequence[float]) -> np.ndarray:
 
 
 def _normalise_proportions(proportions: Sequence[float]) -> tuple[float, ...]:
-    names = ("strategy.split.trainprop", "strategy.split.validprop", "strategy.split.testprop")
+    """Train, valid and test shares summing to 1 (missing ones 0); bad shares are an error."""
     props = tuple(float(p) for p in proportions)
     if len(props) not in (1, 2, 3):
-        raise InputError(f"strategy.split (proportions): expected 1 to 3 values, got {props!r}")
-    for name, p in zip(names, props, strict=False):
+        raise InputError(f"proportions: expected 1 to 3 values, got {props!r}")
+    for index, p in enumerate(props):
         if not math.isfinite(p) or p < 0:
-            raise InputError(f"{name}: {p!r} must be a finite number ≥ 0")
+            raise InputError(f"proportions[{index}]: {p!r} must be a finite number ≥ 0")
     total = sum(props)
     if total <= 0:
-        raise InputError(
-            f"strategy.split.*prop: proportions {list(props)} of the requested outputs sum to 0; "
-            "give e.g. 50 25 25 or 0.8 0.1 0.1"
-        )
+        raise InputError(f"proportions: {list(props)} sum to 0; give e.g. (50, 25, 25) or "
+                         "(0.8, 0.1, 0.1)")
     return tuple(p / total for p in props) + (0.0,) * (3 - len(props))
 
 
@@ -151,18 +150,18 @@ def select_patches(
     factor: int = 1,
     quiet: bool = False,
 ) -> PatchSelection:
-    """Select patches on a regular grid of a reference raster (OTBTF ``PatchesSelection``).
+    """Select patches on a regular grid of a reference raster.
 
     Parameters
     ----------
     image
-        Reference raster (``in``): defines the grid and, with ``nodata``, valid pixels.
+        Reference raster: defines the grid and, with ``nodata``, valid pixels.
     psize
         Patch size in pixels (int or ``(x, y)``).
     step
         Grid step between candidate patches in pixels (int or ``(x, y)``).
     offset
-        Grid offset (``grid.offsetx/y``), taken modulo the step: patch starts are
+        Grid offset (int or ``(x, y)``), taken modulo the step: patch starts are
         ``s ≡ offset + 1 (mod step)`` as in OTBTF (:func:`candidate_starts`).
     nodata
         A pixel whose bands all equal this value is invalid; a patch is kept only if every
@@ -191,13 +190,13 @@ def select_patches(
         ``balanced``: classes are ``0 .. nclasses-1`` (other values are an error). None:
         the distinct values of ``label_image``.
     spatial_proportion
-        ``balanced``: share of candidates drawn uniformly at random first (``sp``).
+        ``balanced``: share of candidates drawn uniformly at random first.
     factor
-        Factor of the extraction's sampling grid G in pixels of ``image`` (``grid.factor``;
-        2 when the points will feed a 10 m + 20 m extraction with the 10 m image as
-        source 1). Only candidate patches that are windows of G cells are kept, and each
-        point is placed at the centre of its G cell, so extraction cuts exactly the
-        validated patch (:mod:`terrapatch.geometry`).
+        Factor of the extraction's sampling grid G in pixels of ``image`` (2 when the
+        points will feed a 10 m + 20 m extraction with the 10 m image as source 1). Only
+        candidate patches that are windows of G cells are kept, and each point is placed
+        at the centre of its G cell, so extraction cuts exactly the validated patch
+        (:mod:`terrapatch.geometry`).
     quiet
         No progress bar.
 
@@ -214,43 +213,36 @@ def select_patches(
     """
     if strategy not in PATCH_STRATEGIES:
         raise InputError(f"strategy: {strategy!r} is not one of {', '.join(PATCH_STRATEGIES)}")
-    px, py = size_pair(psize, "grid.psize")
-    stx, sty = size_pair(step, "grid.step")
-    ox, oy = size_pair(offset, "grid.offsetx/offsety", minimum=None)
+    px, py = size_pair(psize, "psize")
+    stx, sty = size_pair(step, "step")
+    ox, oy = size_pair(offset, "offset", minimum=None)
     props = _normalise_proportions(proportions) if strategy == "split" else (1.0, 0.0, 0.0)
     if strategy == "balanced":
-        if label_image is None:
-            raise InputError("strategy.balanced.labelimage: required with strategy balanced")
-        if not 0.0 <= spatial_proportion <= 1.0:
-            raise InputError(f"strategy.balanced.sp: {spatial_proportion!r} must be in [0, 1]")
-        if nclasses is not None and nclasses < 2:
-            raise InputError(f"strategy.balanced.nclasses: {nclasses!r} must be ≥ 2")
+        _check_balanced(label_image, nclasses, spatial_proportion)
 
-    info = open_raster(image, "in")
+    info = open_raster(image, "image")
     grid = info.grid
     width, height = grid.width, grid.height
     if px > width or py > height:
-        raise InputError(f"grid.psize: patch {px}×{py} does not fit in {info.path!r} "
+        raise InputError(f"psize: patch {px}×{py} does not fit in {info.path!r} "
                          f"({width}×{height} pixels)")
     if nodata is None and info.nodata is not None:
-        logger.info("PatchesSelection: %s declares nodata %s but nodata is not set; every pixel "
+        logger.info("grid selection: %s declares nodata %s but nodata is not set; every pixel "
                     "counts as valid", info.path, info.nodata)
     mask_info = open_raster(mask, "mask") if mask is not None else None
     if mask_info is not None:
         check_same_grid(info, mask_info)
-    label_param = "strategy.balanced.labelimage" if strategy == "balanced" else "label"
-    label_info = open_raster(label_image, label_param) if label_image is not None else None
+    label_info = open_raster(label_image, "label_image") if label_image is not None else None
     if label_info is not None:
         check_same_grid(info, label_info)
 
-    layout = Layout((grid,), ((px, py),), factor=check_factor(factor, "grid.factor"),
-                    factor_key="grid.factor")
+    layout = Layout((grid,), ((px, py),), factor=check_factor(factor, "factor"))
     cx, sx = _on_sampling_grid(layout, candidate_starts(width, px, stx, ox), 0)
     cy, sy = _on_sampling_grid(layout, candidate_starts(height, py, sty, oy), 1)
     if len(sx) == 0 or len(sy) == 0:
         raise NoSamplesError(
-            f"grid: no candidate patch fits in {info.path!r} ({width}×{height}) with psize "
-            f"{px}×{py}, step {stx}×{sty}, offset {ox}, {oy}"
+            f"grid: no candidate patch fits in {info.path!r} ({width}×{height}) with "
+            f"psize={px}×{py}, step={stx}×{sty}, offset={ox}, {oy}"
         )
     n_candidates = len(sx) * len(sy)
 
@@ -262,7 +254,7 @@ def select_patches(
         else:
             classes, _ = class_counts(label_strips(label_info, 0, None, quiet=True))
             if len(classes) == 0:
-                raise NoSamplesError(f"{label_param}: {label_info.path!r} has no labelled pixel")
+                raise NoSamplesError(f"label_image: {label_info.path!r} has no labelled pixel")
 
     scan = _scan_grid(info, sx, sy, (px, py), nodata, mask_info, label_info, classes,
                       quiet=quiet)
@@ -270,7 +262,7 @@ def select_patches(
     n_invalid = int((~valid).sum())
     if not valid.any():
         raise NoSamplesError(
-            f"in: none of the {n_candidates} candidate patches of {info.path!r} is fully valid "
+            f"image: none of the {n_candidates} candidate patches of {info.path!r} is fully valid "
             f"(nodata={nodata}, mask={os.fspath(mask) if mask is not None else None}"
             + (", or their reference pixel has no label" if label_info is not None else "")
             + ")"
@@ -303,10 +295,21 @@ def select_patches(
     samples = Samples(x, y, fields, grid.crs)
     selection = PatchSelection(samples, groups.astype(np.int8), (start_cols, start_rows),
                                (px, py), grid, n_candidates, n_invalid)
-    logger.info("PatchesSelection: %d of %d candidate patches valid, %d selected (%s) with "
+    logger.info("grid selection: %d of %d candidate patches valid, %d selected (%s) with "
                 "strategy %s", n_candidates - n_invalid, n_candidates, len(selection),
                 ", ".join(f"{k} {v}" for k, v in selection.counts().items()), strategy)
     return selection
+
+
+def _check_balanced(label_image: PathLike | None, nclasses: int | None,
+                    spatial_proportion: float) -> None:
+    """Raise unless the parameters of the ``balanced`` strategy are usable."""
+    if label_image is None:
+        raise InputError("label_image: required with strategy balanced")
+    if not 0.0 <= spatial_proportion <= 1.0:
+        raise InputError(f"spatial_proportion: {spatial_proportion!r} must be in [0, 1]")
+    if nclasses is not None and nclasses < 2:
+        raise InputError(f"nclasses: {nclasses!r} must be ≥ 2")
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Label-image selection (OTBTF ``LabelImageSampleSelection``): pixel centres drawn per class.
+"""Label-image selection: pixel centres drawn per class from a label raster.
 
 :func:`select_from_label_image` counts the labelled pixels of each class of a label
 raster (by strips), sets per-class quotas (``constant``, ``total``, ``smallest``,
@@ -19,7 +19,7 @@ from terrapatch.sampling._ranks import Strip, random_ranks, rank_selection
 from terrapatch.sampling._rasters import class_counts, label_strips, open_raster
 from terrapatch.sampling.samples import Samples
 
-#: LabelImageSampleSelection strategies.
+#: Label-image selection strategies.
 LABEL_STRATEGIES = ("constant", "total", "smallest", "all")
 
 
@@ -36,12 +36,12 @@ def select_from_label_image(
     rebase: bool = False,
     quiet: bool = False,
 ) -> Samples:
-    """Draw pixel centres per class from a label raster (OTBTF ``LabelImageSampleSelection``).
+    """Draw pixel centres per class from a label raster.
 
     Parameters
     ----------
     label_image
-        Single-band raster of integer class values (``inref``; band 1 is used).
+        Single-band raster of integer class values (band 1 is used).
     strategy
         ``constant``: ``count`` points per class; when a class has fewer pixels, every
         class gets the smallest class's count (OTBTF's cap, logged as a warning).
@@ -49,8 +49,7 @@ def select_from_label_image(
         counts (error if larger than the labelled pixels). ``smallest``: as many points per
         class as the smallest class has pixels. ``all``: every labelled pixel.
     count, total
-        Quotas of ``constant`` (``strategy.constant.nb``) and ``total``
-        (``strategy.total.v``).
+        Quotas of ``constant`` (points per class) and ``total`` (points in all).
     nodata
         Label value to ignore. Pixels equal to the file's own nodata, and NaN, are always
         ignored.
@@ -78,18 +77,18 @@ def select_from_label_image(
     if method not in ("random", "strided"):
         raise InputError(f"method: {method!r} is not one of random, strided")
     if strategy == "constant" and count < 1:
-        raise InputError(f"strategy.constant.nb: {count!r} must be ≥ 1")
+        raise InputError(f"count: {count!r} must be ≥ 1")
     if strategy == "total" and total < 1:
-        raise InputError(f"strategy.total.v: {total!r} must be ≥ 1")
+        raise InputError(f"total: {total!r} must be ≥ 1")
     if pad < 0:
         raise InputError(f"pad: {pad!r} must be ≥ 0")
-    info = open_raster(label_image, "inref")
+    info = open_raster(label_image, "label_image")
     grid = info.grid
     if 2 * pad >= grid.width or 2 * pad >= grid.height:
         raise InputError(f"pad: {pad} leaves no pixel in {info.path!r} "
                          f"({grid.width}×{grid.height})")
     if info.bands > 1:
-        logger.warning("LabelImageSampleSelection: %s has %d bands; band 1 is used",
+        logger.warning("label selection: %s has %d bands; band 1 is used",
                        info.path, info.bands)
 
     def strips() -> Iterator[Strip]:
@@ -97,7 +96,7 @@ def select_from_label_image(
 
     classes, counts = class_counts(strips())
     if len(classes) == 0:
-        raise NoSamplesError(f"inref: {info.path!r} has no labelled pixel "
+        raise NoSamplesError(f"label_image: {info.path!r} has no labelled pixel "
                              f"(nodata={nodata}, file nodata={info.nodata}, pad={pad})")
     targets, steps = _label_quotas(strategy, counts, classes, count, total, method)
     if method == "random":
@@ -111,9 +110,9 @@ def select_from_label_image(
         cls = cls - int(classes[0])
         missing = np.setdiff1d(np.arange(classes[0], classes[-1] + 1), classes)
         if len(missing):
-            logger.warning("LabelImageSampleSelection: classes %s have no pixel; re-based "
+            logger.warning("label selection: classes %s have no pixel; re-based "
                            "codes are not contiguous", missing.tolist())
-    logger.info("LabelImageSampleSelection: %d points (%s) from %d labelled pixels, strategy "
+    logger.info("label selection: %d points (%s) from %d labelled pixels, strategy "
                 "%s, %s pick", len(x), ", ".join(f"class {c}: {t}" for c, t in
                                                  zip(classes.tolist(), targets.tolist(),
                                                      strict=True)),
@@ -129,15 +128,15 @@ def _label_quotas(strategy: str, counts: np.ndarray, classes: np.ndarray, count:
         target = count
         if count > smallest:
             small = int(classes[int(np.argmin(counts))])
-            logger.warning("LabelImageSampleSelection: strategy.constant.nb %d exceeds the "
-                           "smallest class (class %d: %d pixels); taking %d points per class",
+            logger.warning("label selection: count=%d exceeds the smallest class "
+                           "(class %d: %d pixels); taking %d points per class",
                            count, small, smallest, smallest)
             target = smallest
         return np.full(len(counts), target, dtype=np.int64), counts // target
     if strategy == "total":
         n = int(counts.sum())
         if total > n:
-            raise InputError(f"strategy.total.v: {total} points requested but only {n} "
+            raise InputError(f"total: {total} points requested but only {n} "
                              "labelled pixels are available")
         step = max(1, n // total)
         steps = np.full(len(counts), step, dtype=np.int64)

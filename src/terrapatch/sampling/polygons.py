@@ -1,7 +1,7 @@
 """Polygon statistics and sampling: labelled polygons rasterised on a raster's grid.
 
-:func:`polygon_class_statistics` (OTBTF ``DensePolygonClassStatistics``) counts the
-pixels of each class and polygon (pixel-centre rule, later polygons on top);
+:func:`polygon_class_statistics` counts the pixels of each class and polygon
+(pixel-centre rule, later polygons on top);
 :func:`sample_polygons` draws points per class inside the polygons, at most one per
 pixel, through the rank-selection engine (:mod:`._ranks`).
 """
@@ -76,7 +76,7 @@ def _class_codes(values: list[Any], path: str, field_name: str
 
 
 def _read_polygons(path: PathLike, field_name: str, crs: CRS | None,
-                   parameter: str = "vec") -> _Polygons:
+                   parameter: str = "polygons") -> _Polygons:
     """Read labelled polygons from every layer holding ``field_name``, in ``crs``."""
     text = os.fspath(path)
     layers, skipped = read_layers(text, field_name, (3, 6), "a polygon", parameter)
@@ -160,13 +160,13 @@ def _statistics(info: Raster, polys: _Polygons, nodata: float | None,
 
 def _covered(raster: PathLike, polygons: PathLike, field: str, nodata: float | None,
              quiet: bool) -> tuple[Raster, _Polygons, PolygonStatistics]:
-    """Open ``in`` and ``vec`` and count pixels; error when no polygon covers a pixel."""
-    info = open_raster(raster, "in")
+    """Open ``raster`` and ``polygons`` and count pixels; error when none covers a pixel."""
+    info = open_raster(raster, "raster")
     polys = _read_polygons(polygons, field, info.grid.crs)
     stats = _statistics(info, polys, nodata, quiet)
     if int(stats.per_polygon.sum()) == 0:
         raise NoSamplesError(
-            f"vec: no polygon of {os.fspath(polygons)!r} covers a pixel centre of "
+            f"polygons: no polygon of {os.fspath(polygons)!r} covers a pixel centre of "
             f"{info.path!r} (check that they overlap)"
         )
     return info, polys, stats
@@ -181,7 +181,7 @@ def polygon_class_statistics(
     nodata: float | None = None,
     quiet: bool = False,
 ) -> PolygonStatistics:
-    """Count pixels per class and per polygon (OTBTF ``DensePolygonClassStatistics``).
+    """Count pixels per class and per polygon of labelled polygons on a raster's grid.
 
     Polygons are rasterised on the raster's grid with the pixel-centre rule (a pixel
     belongs to a polygon when its centre is inside; ``rasterio.features.rasterize``,
@@ -190,9 +190,9 @@ def polygon_class_statistics(
     Parameters
     ----------
     raster
-        Support raster (``in``): its grid is the one polygons are rasterised on.
+        Support raster: its grid is the one polygons are rasterised on.
     polygons
-        Polygon vector file (``vec``); every layer holding ``field`` is read. Polygons in
+        Polygon vector file; every layer holding ``field`` is read. Polygons in
         another CRS are reprojected to the raster's.
     field
         Class field: integer, integer-valued real, or strings (mapped to codes 0, 1, 2… in
@@ -210,9 +210,10 @@ def polygon_class_statistics(
         Per-class and per-polygon pixel counts.
     """
     if out is not None:
-        check_outputs({"out": Output(out, "statistics")}, {"in": raster, "vec": polygons})
+        check_outputs({"out": Output(out, "statistics")},
+                      {"raster": raster, "polygons": polygons})
     _, _, stats = _covered(raster, polygons, field, nodata, quiet)
-    logger.info("DensePolygonClassStatistics: %d pixels in %d of %d polygons; per class %s",
+    logger.info("polygon statistics: %d pixels in %d of %d polygons; per class %s",
                 int(stats.per_polygon.sum()), int((stats.per_polygon > 0).sum()),
                 len(stats.per_polygon),
                 ", ".join(f"{stats.class_key(c)}: {n}" for c, n in stats.per_class.items()))
@@ -242,47 +243,55 @@ def _resolve_class(key: Any, stats: PolygonStatistics, parameter: str) -> int:
 
 def _polygon_quotas(strategy: str, counts: int | Mapping[Any, int] | None,
                     stats: PolygonStatistics) -> dict[int, int]:
+    """Points to draw per class code (classes with none left out); bad ``counts`` raise."""
     available = {c: n for c, n in stats.per_class.items() if n > 0}
     empty = [stats.class_key(c) for c, n in stats.per_class.items() if n == 0]
     if empty and not isinstance(counts, Mapping):
-        logger.warning("PolygonSampleSelection: class(es) %s cover no pixel and get no point",
+        logger.warning("polygon selection: class(es) %s cover no pixel and get no point",
                        ", ".join(empty))
     if strategy == "all":
         if counts is not None:
-            raise InputError("strategy.constant.nb: counts are not used with strategy all")
+            raise InputError(f"counts: {counts!r} is not used with strategy all")
         return available
     if isinstance(counts, Mapping):
         if strategy != "constant":
-            raise InputError("strategy.constant.counts: per-class counts need strategy constant")
-        quotas = {}
-        for key, n in counts.items():
-            code = _resolve_class(key, stats, "strategy.constant.counts")
-            if int(n) < 0:
-                raise InputError(f"strategy.constant.counts: count {n!r} of class {key!r} "
-                                 "must be ≥ 0")
-            quotas[code] = int(n)
-        param = "strategy.constant.counts"
+            raise InputError("counts: per-class counts need strategy constant")
+        quotas = _class_quotas(counts, stats)
     else:
-        param = f"strategy.{strategy}.nb"
-        if counts is None:
-            if strategy == "constant":
-                raise InputError("strategy.constant.nb: a count per class is required")
-            n = min(available.values())
-            logger.info("PolygonSampleSelection balanced: %d points per class (the smallest "
-                        "class)", n)
-        else:
-            n = int(counts)
-            if n < 1:
-                raise InputError(f"{param}: {counts!r} must be ≥ 1")
-        quotas = dict.fromkeys(available, n)
+        quotas = dict.fromkeys(available, _count_per_class(strategy, counts, available))
     for code, n in quotas.items():
         have = stats.per_class.get(code, 0)
         if n > have:
             raise InputError(
-                f"{param}: {n} points requested for class {stats.class_key(code)} but its "
+                f"counts: {n} points requested for class {stats.class_key(code)} but its "
                 f"polygons cover only {have} pixels (at most one point per pixel)"
             )
     return {c: n for c, n in quotas.items() if n > 0}
+
+
+def _class_quotas(counts: Mapping[Any, int], stats: PolygonStatistics) -> dict[int, int]:
+    """``{class code: count}`` from counts keyed by class names or codes."""
+    quotas = {}
+    for key, n in counts.items():
+        code = _resolve_class(key, stats, "counts")
+        if int(n) < 0:
+            raise InputError(f"counts: count {n!r} of class {key!r} must be ≥ 0")
+        quotas[code] = int(n)
+    return quotas
+
+
+def _count_per_class(strategy: str, counts: int | None, available: Mapping[int, int]) -> int:
+    """One count for every class: ``counts``, or (``balanced``) the smallest class's pixels."""
+    if counts is None:
+        if strategy == "constant":
+            raise InputError("counts: a count per class is required with strategy constant")
+        n = min(available.values())
+        logger.info("balanced polygon selection: %d points per class (the smallest class)", n)
+        return n
+    n = int(counts)
+    if n < 1:
+        raise InputError(f"counts: {counts!r} must be ≥ 1")
+    return n
 
 
 def sample_polygons(
@@ -306,9 +315,9 @@ def sample_polygons(
     Parameters
     ----------
     raster
-        Raster whose grid the points are placed on (``in``).
+        Raster whose grid the points are placed on.
     polygons
-        Polygon vector file (``vec``); reprojected to the raster's CRS when needed.
+        Polygon vector file; reprojected to the raster's CRS when needed.
     field
         Class field (integer, or strings mapped to codes 0, 1, 2… in sorted name order).
     strategy
@@ -362,7 +371,7 @@ def sample_polygons(
     if stats.class_names is not None:
         fields["class_name"] = np.array([stats.class_names[c] for c in cls.tolist()],
                                         dtype=object)
-    logger.info("PolygonSampleSelection: %d points (%s), strategy %s, mode %s", len(cols),
+    logger.info("polygon selection: %d points (%s), strategy %s, mode %s", len(cols),
                 ", ".join(f"{stats.class_key(c)}: {n}" for c, n in sorted(quotas.items())),
                 strategy, mode)
     return PolygonSamples(Samples(x, y, fields, grid.crs), stats, quotas)

@@ -27,7 +27,7 @@ from terrapatch.raster import PathLike
 from terrapatch.vector import write_points
 from terrapatch.writer import atomic_output, check_writable, final_path, output_group
 
-#: Names of the PatchesSelection groups, in group-index order.
+#: Names of the grid selection groups, in group-index order.
 GROUPS = ("train", "valid", "test")
 
 @dataclass(frozen=True)
@@ -118,10 +118,11 @@ class PatchSelection:
               test: PathLike | None = None) -> dict[str, Path]:
         """Write each group to its vector file; groups without a file are logged and skipped.
 
-        Raises :class:`~terrapatch.errors.NoSamplesError` when a file is given for a group
-        that received no point.
+        Returns ``{group name: path}`` (``train``, ``valid``, ``test``) of the files
+        written. Raises :class:`~terrapatch.errors.NoSamplesError` when a file is given
+        for a group that received no point.
         """
-        targets = {"outtrain": train, "outvalid": valid, "outtest": test}
+        targets = dict(zip(GROUPS, (train, valid, test), strict=True))
         for index, (key, path) in enumerate(targets.items()):
             if path is None:
                 continue
@@ -137,8 +138,8 @@ class PatchSelection:
                 points = self.group(index)
                 if path is None:
                     if len(points):
-                        logger.info("PatchesSelection: %d points of group %s not written "
-                                    "(%s not set)", len(points), GROUPS[index], key)
+                        logger.info("grid selection: %d points of group %s not written "
+                                    "(%s=None)", len(points), key, key)
                     continue
                 points.write(stage(path, key), key, layer=Path(path).stem)
                 written[key] = Path(path)
@@ -233,7 +234,8 @@ class PolygonSamples:
         """Write the points and, for string class fields, the code → name map as JSON.
 
         The map goes to ``class_map``, by default beside the points as
-        ``<stem>.classes.json``.
+        ``<stem>.classes.json``. Returns ``{parameter: path}`` and, when a map is
+        written, ``{"class_map": its path}``.
         """
         written = {parameter: Path(path)}
         with output_group() as stage:  # points and class map appear together, or neither
@@ -241,14 +243,14 @@ class PolygonSamples:
             if self.class_names is not None:
                 target = Path(class_map) if class_map is not None else \
                     Path(path).with_suffix(".classes.json")
-                write_class_map(stage(target, "outclassmap"), self.class_names,
-                                self.statistics.field, "outclassmap")
-                written["outclassmap"] = target
+                write_class_map(stage(target, "class_map"), self.class_names,
+                                self.statistics.field, "class_map")
+                written["class_map"] = target
         return written
 
 
 def write_class_map(path: PathLike, class_names: Mapping[int, str], field_name: str,
-                    parameter: str = "outclassmap") -> Path:
+                    parameter: str = "class_map") -> Path:
     """Write a class code → name map as JSON (``{"field": ..., "classes": {code: name}}``)."""
     target = Path(path)
     payload = {"field": field_name,
