@@ -222,7 +222,7 @@ def test_worker_killed_mid_run_gives_the_same_map(client, data, references, tmp_
 def test_unrecoverable_task_failure_leaves_no_output(client, data, tmp_path):
     job = prepare_serve(sources(data), data["keras"], OUTS, fullyconv=True, tile_size=16)
     job.runner = faults.FailingRunner(job.runner, at=7)
-    with pytest.raises(TerrapatchError, match=r"TensorflowModelServe: task \d+ failed on the "
+    with pytest.raises(TerrapatchError, match=r"serving: task \d+ failed on the "
                                               r"cluster after 2 retries: RuntimeError: "
                                               r"injected failure on tile 7"):
         job.run(tmp_path / "never.tif", quiet=True, scheduler=client, block_tiles=2)
@@ -250,7 +250,7 @@ def test_unreadable_raster_on_the_workers_is_a_clear_error(client, data, tmp_pat
     blob = bytearray(bad.read_bytes())
     blob[len(blob) // 2:len(blob) // 2 + 4096] = b"\x17" * 4096
     bad.write_bytes(bytes(blob))
-    with pytest.raises(TerrapatchError, match=r"source2.il: cannot read"):
+    with pytest.raises(TerrapatchError, match=r"source2: cannot read"):
         serve(sources(data, s10=bad), data["keras"], tmp_path / "never.tif", OUTS,
               fullyconv=True, tile_size=16, quiet=True, scheduler=client)
     assert no_leftovers(tmp_path, "corrupt.tif")
@@ -294,7 +294,7 @@ def test_worker_missing_the_model_is_named(client, data, tmp_path):
     model = shutil.copy(data["keras"], tmp_path / "copy.keras")
     job = prepare_serve(sources(data), model, OUTS, fullyconv=True, tile_size=16)
     os.remove(model)  # loaded here, gone for the workers
-    with pytest.raises(InputError, match=r"worker tcp://\S+: model.dir '.*copy\.keras' does "
+    with pytest.raises(InputError, match=r"worker tcp://\S+: model='.*copy\.keras' does "
                                          r"not exist there"):
         job.run(tmp_path / "never.tif", quiet=True, scheduler=client)
     assert no_leftovers(tmp_path)
@@ -304,11 +304,11 @@ def test_worker_missing_a_savedmodel_is_named(client, data, tmp_path):
     model = shutil.copytree(data["savedmodel"], tmp_path / "sm")
     job = prepare_serve(sources(data), model, OUTS, fullyconv=True, tile_size=16)
     os.remove(model / "saved_model.pb")
-    with pytest.raises(InputError, match=r"worker tcp://\S+: model.dir '.*sm/saved_model\.pb' "
+    with pytest.raises(InputError, match=r"worker tcp://\S+: model='.*sm/saved_model\.pb' "
                                          r"does not exist there"):
         job.run(tmp_path / "never.tif", quiet=True, scheduler=client)
     shutil.rmtree(model)
-    with pytest.raises(InputError, match=r"worker tcp://\S+: model.dir '.*sm' does not exist"):
+    with pytest.raises(InputError, match=r"worker tcp://\S+: model='.*sm' does not exist"):
         job.run(tmp_path / "never.tif", quiet=True, scheduler=client)
     assert no_leftovers(tmp_path)
 
@@ -317,7 +317,7 @@ def test_worker_missing_a_raster_is_named(client, data, tmp_path):
     raster = shutil.copy(data["s10"], tmp_path / "s10_copy.tif")
     job = prepare_serve(sources(data, s10=raster), data["keras"], OUTS, fullyconv=True)
     os.remove(raster)
-    with pytest.raises(InputError, match=r"worker tcp://\S+: source2.il '.*s10_copy\.tif' "
+    with pytest.raises(InputError, match=r"worker tcp://\S+: source2.paths='.*s10_copy\.tif' "
                                          r"does not exist there"):
         job.run(tmp_path / "never.tif", quiet=True, scheduler=client)
     assert no_leftovers(tmp_path)
@@ -330,18 +330,18 @@ def test_missing_files_found_by_a_task_name_the_worker(client, data, tmp_path):
     runner, tiles = job.cluster_runner(), job.tiles[:1]
     os.remove(raster)
     future = client.submit(serving.serve_block, runner, tiles, "float32", pure=False)
-    with pytest.raises(InputError, match=r"source2.il: '.*late\.tif' does not exist on worker "
+    with pytest.raises(InputError, match=r"source2: '.*late\.tif' does not exist on worker "
                                          r"tcp://"):
         future.result()
     runner.model = str(tmp_path / "gone.keras")
     future = client.submit(serving.serve_block, runner, tiles, "float32", pure=False)
-    with pytest.raises(TerrapatchError, match=r"model.dir: '.*gone\.keras' does not exist on "
+    with pytest.raises(TerrapatchError, match=r"model: '.*gone\.keras' does not exist on "
                                               r"worker tcp://"):
         future.result()
 
 
 def test_in_memory_model_cannot_go_to_a_cluster(client, data, tmp_path):
-    with pytest.raises(InputError, match=r"model.dir: serving on a Dask cluster needs the "
+    with pytest.raises(InputError, match=r"model: serving on a Dask cluster needs the "
                                          r"model as a SavedModel directory"):
         serve(sources(data), seed_model(seed=3), tmp_path / "never.tif", OUTS,
               fullyconv=True, quiet=True, scheduler=client)

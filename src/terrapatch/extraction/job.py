@@ -314,7 +314,7 @@ def extract_patches(
         rejected_nodata=rejected_nodata, factor=int(layout.factor), outputs=summary_outputs,
         shards=summary_shards,
     )
-    logger.info("PatchesExtraction: %s", summary)
+    logger.info("extraction: %s", summary)
     return summary
 
 

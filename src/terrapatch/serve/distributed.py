@@ -199,7 +199,7 @@ def run_blocks(client: Any, runner: TileRunner, store: BlockStore, blocks: Seque
     """
     tasks = [(runner, block, store, rounding) for block in blocks]
     cluster.run_ordered(client, write_block, tasks, lambda _, result: on_status(*result),
-                        "TensorflowModelServe", quiet, weights=[len(b.tiles) for b in blocks],
+                        "serving", quiet, weights=[len(b.tiles) for b in blocks],
                         unit="tile")
 
 
@@ -210,7 +210,7 @@ def run_pixels(client: Any, runner: TileRunner, blocks: Sequence[Block], pixel_t
     tasks = [(runner, block.tiles, pixel_type, rounding) for block in blocks]
     cluster.run_ordered(client, serve_block, tasks,
                         lambda k, result: on_result(blocks[k], result),
-                        "TensorflowModelServe", quiet, weights=[len(b.tiles) for b in blocks],
+                        "serving", quiet, weights=[len(b.tiles) for b in blocks],
                         unit="tile")
 
 

@@ -110,7 +110,7 @@ class Execution:
             for reader in local.pop("readers", []):
                 reader.close()
 
-        with progress_bar(len(tiles), "TensorflowModelServe", unit="tile",
+        with progress_bar(len(tiles), "serving", unit="tile",
                           quiet=self.quiet) as bar:
 
             def write(tile: Tile, values: np.ndarray | None) -> None:
