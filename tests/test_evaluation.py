@@ -581,7 +581,7 @@ def test_log_records_name_neutral_ids_and_the_app_otb_keys(tmp_path, pair) -> No
 
 @pytest.mark.parametrize("extra, message", [
     (["-ref.raster.in", "{d}/ref.tif", "-out", "{d}/map.tif"],
-     "out: '{d}/map.tif' is also in; the CSV would replace its input"),
+     "out: '{d}/map.tif' is also in='{d}/map.tif'; the CSV would replace its input"),
     (["-ref.raster.in", "{d}/ref.tif", "-out", "{d}/cm.txt"],
      "out: '{d}/cm.txt' has extension '.txt'; a confusion matrix is written as .csv"),
     (["-ref", "vector", "-ref.vector.in", "{d}/v.gpkg", "-ref.vector.field", "klass",

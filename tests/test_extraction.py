@@ -330,7 +330,7 @@ def test_summary_counts_per_source(tmp_path):
             + sum(summary.rejected_nodata.values())) == summary.n_features
     assert read_raster(tmp_path / "l.tif").values.ravel().tolist() == [0, 1]
     assert "2 samples collected of 7" in str(summary)
-    assert set(summary.outputs) == {"source1.out", "source2.out", "outlabels"}
+    assert set(summary.outputs) == {"source1.output", "source2.output", "labels_out"}
 
 
 def test_nodata_of_an_unwritten_source_still_rejects(tmp_path, pair):
@@ -343,7 +343,7 @@ def test_nodata_of_an_unwritten_source_still_rejects(tmp_path, pair):
         [Source(c20, 8, name="source1"), Source(s10, 16, nodata=0, name="source2")], vec,
         "class", [tmp_path / "o20.tif", None], quiet=True)
     assert summary.rejected_nodata == {"source1": 0, "source2": 1}
-    assert set(summary.outputs) == {"source1.out"}
+    assert set(summary.outputs) == {"source1.output"}
     assert_coordinate_patch(read_patches(tmp_path / "o20.tif")[0], 30 - 4, 30 - 4)
 
 
@@ -425,7 +425,7 @@ def test_labels_image_default_uint8_clamp_truncate_and_strings(tmp_path, pair, c
     y = np.full(n, T - 200)
     vec = points(tmp_path / "int.geojson", x, y, np.array(values, np.int64))
     # Classes that do not fit the labels' pixel type: an error naming them, by default ...
-    with pytest.raises(InputError, match=r"outlabels: class values -5, 256, 1000 \(3 "
+    with pytest.raises(InputError, match=r"labels_out: class values -5, 256, 1000 \(3 "
                                          r"sample\(s\)\) do not fit uint8"):
         extract_patches([Source(c20, 4)], vec, "class", [tmp_path / "o.tif"],
                         labels_out=tmp_path / "l.tif", quiet=True)
@@ -513,7 +513,7 @@ def test_multi_layer_gpkg_with_layers_in_different_crs(tmp_path, pair):
     pyogrio.raw.write(path, geometry=shapely.to_wkb(shapely.points([[lon[0], lat[0]]])),
                       field_data=[np.array([2])], fields=["class"], crs="EPSG:4326",
                       driver="GPKG", geometry_type="Point", layer="lonlat")
-    with pytest.raises(CRSMismatchError, match=r"vec: CRS EPSG:4326 of layer 'lonlat'"):
+    with pytest.raises(CRSMismatchError, match=r"vector: CRS EPSG:4326 of layer 'lonlat'"):
         extract_patches([Source(c20, 4)], path, "class", [tmp_path / "o.tif"], quiet=True)
     assert not (tmp_path / "o.tif").exists()
     summary = extract_patches([Source(c20, 4)], path, "class", [tmp_path / "o.tif"],

@@ -425,7 +425,7 @@ def test_not_an_integer_patch_size(env):
 def test_python_api_requires_patch_size(env):
     from terrapatch.extraction import extract_patches
     from terrapatch.raster import Source
-    with pytest.raises(InputError, match=r"source1\.patchsizex"):
+    with pytest.raises(InputError, match=r"source1\.patch_size: missing"):
         extract_patches([Source(env.c10)], env.vec, "class", [env.out / "o.tif"], quiet=True)
     with pytest.raises(InputError, match=r"outputs: 1 paths given for 2 sources"):
         extract_patches([Source(env.c10, 4), Source(env.c20, 2, name="source2")], env.vec,

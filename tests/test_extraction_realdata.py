@@ -210,7 +210,7 @@ def test_brandenburg_single_source_and_polygons_rejected(tmp_path, brandenburg):
     for row, (c, r) in enumerate([(8, 8), (100, 500), (700, 759)]):
         np.testing.assert_array_equal(p[row, :, :, 0], band[r - 8:r + 9, c - 8:c + 9])
     osm = d / "gis_osm_landuse-water_a_free_1_area-10000-to-500000.gpkg"
-    with pytest.raises(InputError, match=r"vec: feature 0 .* MultiPolygon, not a point"):
+    with pytest.raises(InputError, match=r"vector: feature 0 .* MultiPolygon, not a point"):
         extract_patches([Source(f10[0], 17)], osm, "code", [tmp_path / "q.tif"], quiet=True)
     assert not (tmp_path / "q.tif").exists()
 
@@ -228,7 +228,7 @@ def test_points_in_another_crs_are_reported(tmp_path, raleigh, virginia):
     d, _, _ = raleigh
     files, _ = virginia
     with pytest.raises(CRSMismatchError,
-                       match=r"vec: CRS EPSG:3358 .*landsat96_points.* EPSG:32618"):
+                       match=r"vector: CRS EPSG:3358 .*landsat96_points.* EPSG:32618"):
         extract_patches([Source(files["20"], 8)], d / "landsat96_points.shp", "id",
                         [tmp_path / "p.tif"], quiet=True)
     assert list(tmp_path.iterdir()) == []

@@ -297,8 +297,8 @@ def test_write_chunks_are_bounded_by_construction(rasters, tmp_path, monkeypatch
 def shard_samples(summary: ex.ExtractionSummary) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """Feature index (the label) → its two patches, over every shard."""
     out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    files = zip(summary.shards["source1.out"], summary.shards["source2.out"],
-                summary.shards["outlabels"], strict=True)
+    files = zip(summary.shards["source1.output"], summary.shards["source2.output"],
+                summary.shards["labels_out"], strict=True)
     for a, b, lab in files:
         pa, pb, pl = read_patches(a), read_patches(b), read_patches(lab)
         assert len(pa) == len(pb) == len(pl) > 0
@@ -325,21 +325,21 @@ def test_sharded_in_process_holds_the_same_samples(rasters, tmp_path, monkeypatc
     single, patches, labels = run(sources, points, tmp_path, "one")
     monkeypatch.setattr(reading, "CLUSTER_BLOCK", 64)
     sharded, _, _ = run_sharded(sources, points, tmp_path / "sh", points_out=True)
-    assert len(sharded.shards["source1.out"]) > 4
+    assert len(sharded.shards["source1.output"]) > 4
     check_same_samples(single, patches, labels, sharded)
     folder = tmp_path / "sh" / "sh_a_shards"
-    assert sharded.outputs["source1.out"] == folder
+    assert sharded.outputs["source1.output"] == folder
     assert sorted(p.name for p in folder.iterdir()) == [p.name for p in
-                                                       sharded.shards["source1.out"]]
+                                                       sharded.shards["source1.output"]]
     assert all(p.name.startswith("sh_a-") and p.suffix == ".tif"
-               for p in sharded.shards["source1.out"])
+               for p in sharded.shards["source1.output"])
     # outpoints: shard and patch index of every kept feature
     meta, _, _, fields = pyogrio.raw.read(tmp_path / "sh" / "kept.gpkg")
     names = list(meta["fields"])
     assert names == ["class", "shard", "patch", "feature"]
     for shard, patch, feature in zip(*(fields[names.index(k)] for k in
                                        ("shard", "patch", "feature")), strict=True):
-        lab = read_patches(sharded.shards["outlabels"][shard])
+        lab = read_patches(sharded.shards["labels_out"][shard])
         assert lab[patch].item() == feature
     assert not [p for p in (tmp_path / "sh").iterdir() if p.name.startswith(".")]
 
@@ -380,8 +380,8 @@ def test_sharded_rerun_replaces_folders_and_names_conflicts(rasters, tmp_path, m
     stale.write_text("x")
     second, _, _ = run_sharded(sources, uniform_points(300, 7), tmp_path)
     assert not stale.exists() and second.n_collected < first.n_collected
-    assert sorted((tmp_path / "sh_a_shards").iterdir()) == second.shards["source1.out"]
-    with pytest.raises(InputError, match=r"source2.out: .*sh_a.* is also source1.out"):
+    assert sorted((tmp_path / "sh_a_shards").iterdir()) == second.shards["source1.output"]
+    with pytest.raises(InputError, match=r"source2.output: .*sh_a.* is also source1.output="):
         ex.extract_patches(sources, uniform_points(10, 1), "class",
                            [tmp_path / "sh_a.tif", tmp_path / "." / "sh_a.tif"],
                            quiet=True, shards=True)
@@ -393,12 +393,12 @@ def test_dataset_reads_shard_lists_and_folders(rasters, tmp_path, monkeypatch):
     points = uniform_points(600, 8)
     single, patches, labels = run(sources, points, tmp_path, "one")
     sharded, _, _ = run_sharded(sources, points, tmp_path / "sh")
-    as_lists = {"input_10m": sharded.shards["source1.out"],
-                "input_20m": sharded.shards["source2.out"],
-                "labels": sharded.shards["outlabels"]}
+    as_lists = {"input_10m": sharded.shards["source1.output"],
+                "input_20m": sharded.shards["source2.output"],
+                "labels": sharded.shards["labels_out"]}
     as_folders = {k: sharded.outputs[o] for k, o in
-                  (("input_10m", "source1.out"), ("input_20m", "source2.out"),
-                   ("labels", "outlabels"))}
+                  (("input_10m", "source1.output"), ("input_20m", "source2.output"),
+                   ("labels", "labels_out"))}
     for files in (as_lists, as_folders):
         for streaming in (False, True):
             reader = PatchesImagesReader(files, use_streaming=streaming)
@@ -425,8 +425,9 @@ def test_model_trains_on_shards(rasters, tmp_path, monkeypatch):
     monkeypatch.setattr(reading, "CLUSTER_BLOCK", 64)
     sharded, _, _ = run_sharded(pair(rasters["tiles16"]), uniform_points(400, 9), tmp_path)
     dataset = DatasetFromPatchesImages(filenames_dict={
-        "input_10m": sharded.shards["source1.out"], "input_20m": sharded.shards["source2.out"],
-        "labels": sharded.shards["outlabels"]})
+        "input_10m": sharded.shards["source1.output"],
+        "input_20m": sharded.shards["source2.output"],
+        "labels": sharded.shards["labels_out"]})
 
     def prep(sample):
         return {"input_10m": tf.cast(sample["input_10m"], tf.float32) / 200.0,
@@ -461,7 +462,7 @@ def test_sharded_on_local_cluster_equals_single_file(client, rasters, tmp_path, 
     single, patches, labels = run(sources, points, tmp_path, "one")
     monkeypatch.setattr(reading, "CLUSTER_BLOCK", 64)   # shipped with the task's arguments
     sharded, _, _ = run_sharded(sources, points, tmp_path / "sh", scheduler=client)
-    assert len(sharded.shards["source1.out"]) >= 6
+    assert len(sharded.shards["source1.output"]) >= 6
     check_same_samples(single, patches, labels, sharded)
     # Not sharded on the cluster: identical single files, in feature order.
     again, again_patches, again_labels = run(sources, points, tmp_path, "dask",

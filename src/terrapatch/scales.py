@@ -2,7 +2,7 @@
 
 :func:`check_spcscale` reads what users type (``2``, ``0.25``, ``"1/3"``, a
 ``Fraction``) and refuses the rest naming the nearest valid values;
-:func:`check_factor` is the integer-only check of extraction's ``grid.factor``;
+:func:`check_factor` is the integer-only check of extraction's ``factor``;
 :func:`format_scale` writes a scale back as users write it. The geometry these scales
 drive is in :mod:`terrapatch.geometry`.
 """

@@ -6,6 +6,16 @@ from terrapatch.apps._base import PATCH_SOURCE_NAMES, App, Param
 from terrapatch.errors import InputError
 from terrapatch.extraction import ExtractionSummary, extract_patches
 from terrapatch.raster import Source
+from terrapatch.spelling import SOURCE
+
+#: OTBTF keys of :func:`~terrapatch.extract_patches`'s identifiers, and the
+#: application's name for the core's log records (``extraction: …``).
+EXTRACTION_NAMES = {
+    **PATCH_SOURCE_NAMES, f"{SOURCE}.output": f"{SOURCE}.out", "vector": "vec",
+    "labels_out": "outlabels", "points_out": "outpoints",
+    "labels_pixel_type": "outlabels pixel type", "clamp_labels": "outlabels.clamp",
+    "factor": "grid.factor", "reproject": "vec.reproject", "extraction": "PatchesExtraction",
+}
 
 
 class PatchesExtraction(App):
@@ -26,7 +36,7 @@ class PatchesExtraction(App):
                    "and write patches images")
     primary_output = "source1.out"
     supports_cluster = True
-    spelling = PATCH_SOURCE_NAMES
+    spelling = EXTRACTION_NAMES
     source_params = (
         Param("il", "paths", "input image(s), stacked as bands", required=True),
         Param("out", "out", "output patches image", required=True, pixel_type="float32"),
@@ -65,10 +75,10 @@ class PatchesExtraction(App):
                           ("outlabels", labels)]:
             if spec is not None and spec.ext.box is not None:
                 raise InputError(f"{key}: box= is not supported for PatchesExtraction outputs")
-        options = {f"source{k}.out": o.ext.creation_options
+        options = {f"source{k}.output": o.ext.creation_options
                    for k, o in enumerate(outs, start=1) if o is not None}
         if labels is not None:
-            options["outlabels"] = labels.ext.creation_options
+            options["labels_out"] = labels.ext.creation_options
         return extract_patches(
             sources, self.get("vec"), self.get("field"),
             [o.path if o else None for o in outs],

@@ -39,9 +39,8 @@ from terrapatch.writer import (
 
 #: Serving names the model outputs ``output_names``; the feature model has one of them.
 _OUTPUT_IS_FEATURE_OUTPUT = {"output_names": "feature_output"}
-#: The extraction core's names of the points and of the sampling-grid factor, as
-#: :func:`sample_features` calls them (``vec``, ``grid.factor``: its former spellings).
-_EXTRACTION_NAMES = {"vec": "vector", "factor": "spcscale", "grid.factor": "spcscale"}
+#: The extraction core's sampling-grid factor, as :func:`sample_features` calls it.
+_EXTRACTION_NAMES = {"factor": "spcscale"}
 
 
 def _as_features(array: np.ndarray) -> np.ndarray:

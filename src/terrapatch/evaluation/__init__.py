@@ -104,9 +104,8 @@ def claim_table(path: PathLike, inputs: Mapping[str, PathLike | None],
             continue
         for member in _input_files(given):
             if os.path.lexists(member) and _same_file(text, member):
-                shown = "" if member == os.fspath(given) else f" ({member!r})"
-                raise InputError(f"{parameter}: {text!r} is also {key}{shown}; the CSV would "
-                                 "replace its input")
+                raise InputError(f"{parameter}: {text!r} is also {key}={member!r}; the CSV "
+                                 "would replace its input")
     suffix = Path(text).suffix.lower()
     if suffix != ".csv":
         raise InputError(f"{parameter}: {text!r} has extension {suffix or '(none)'!r}; a "

@@ -23,6 +23,7 @@ import numpy as np
 
 from terrapatch.errors import InputError, NoSamplesError
 from terrapatch.extraction.reading import (
+    all_rejected_for_nodata,
     gdal_cache,
     read_candidates,
     read_candidates_on_cluster,
@@ -74,7 +75,7 @@ class ExtractionSummary:
     outputs
         Output key → written path (with ``shards=True``, the folder of its shards).
     shards
-        With ``shards=True``: output key (``"source1.out"``, ``"outlabels"``) → its shard
+        With ``shards=True``: output key (``"source1.output"``, ``"labels_out"``) → its shard
         files, in shard order; shard ``i`` of every key holds the same samples, so
         ``{name: summary.shards[key] ...}`` is a ``filenames_dict`` for
         :class:`~terrapatch.dataset.DatasetFromPatchesImages`. Empty otherwise.
@@ -176,7 +177,7 @@ def extract_patches(
     creation_options
         GDAL creation options for every raster output.
     output_options
-        GDAL creation options for one output, by key (``"source1.out"``, ``"outlabels"``),
+        GDAL creation options for one output, by key (``"source1.output"``, ``"labels_out"``),
         added to ``creation_options``.
     factor
         Factor of the sampling grid G in source-1 pixels; default: coarsest spacing /
@@ -214,36 +215,36 @@ def extract_patches(
         raise InputError(f"outputs: {len(outputs)} paths given for {len(sources)} sources")
     if isinstance(pixel_types, str) or pixel_types is None:
         pixel_types = [pixel_types] * len(sources)
-    out_dtypes = [pixel_dtype(pt, "float32", f"{s.name}.out")
+    out_dtypes = [pixel_dtype(pt, "float32", f"{s.name}.output")
                   for s, pt in zip(sources, pixel_types, strict=True)]
-    labels_dtype = pixel_dtype(labels_pixel_type, "uint8", "outlabels")
+    labels_dtype = pixel_dtype(labels_pixel_type, "uint8", "labels_out")
     for s in sources:
         if s.patch_size is None:
-            raise InputError(f"{s.name}.patchsizex: missing patch size for {s.name}")
+            raise InputError(f"{s.name}.patch_size: missing; extraction needs each source's "
+                             "patch size")
 
     def options(key: str) -> dict[str, str]:
         return {**(creation_options or {}), **(output_options or {}).get(key, {})}
 
-    named = {f"{s.name}.out": out for s, out in zip(sources, outputs, strict=True)
+    named = {f"{s.name}.output": out for s, out in zip(sources, outputs, strict=True)
              if out is not None}
     if labels_out is not None:
-        named["outlabels"] = labels_out
+        named["labels_out"] = labels_out
     planned: dict[str, Output | None] = {
         key: Output(path, "patches", creation_options=options(key))
         for key, path in named.items()}
     if shards:  # the folders of shards are written; the names still give the format
         check_outputs(planned)
         planned = {key: Output(shard_folder(path), "folder") for key, path in named.items()}
-    planned["outpoints"] = None if points_out is None else Output(points_out, "vector")
-    inputs: dict[str, Any] = {f"{s.name}.il": s.paths for s in sources}
+    planned["points_out"] = None if points_out is None else Output(points_out, "vector")
+    inputs: dict[str, Any] = {f"{s.name}.paths": s.paths for s in sources}
     if not isinstance(vector, PointSet):
-        inputs["vec"] = vector
+        inputs["vector"] = vector
     with claim_outputs(planned, inputs) as claims:
         grids = [s.grid for s in sources]
         layout = Layout(tuple(grids), tuple(s.patch_size for s in sources),  # type: ignore[misc]
-                        factor=(check_factor(factor, "grid.factor") if factor is not None
-                                else extraction_factor(grids)),
-                        factor_key="grid.factor")
+                        factor=(check_factor(factor) if factor is not None
+                                else extraction_factor(grids)))
         for line in misalignments(grids):
             logger.warning("%s", line)
         points = vector if isinstance(vector, PointSet) else read_points(
@@ -251,7 +252,7 @@ def extract_patches(
         n = len(points)
         if n == 0:
             raise NoSamplesError(
-                f"vec: no point feature carries the field {field!r} "
+                f"vector: no point feature carries the field {field!r} "
                 f"({points.n_skipped} features without it)"
             )
         candidates, cand_starts, rejected_outside, n_outside = _candidate_windows(
@@ -259,7 +260,7 @@ def extract_patches(
         if len(candidates) == 0:
             detail = ", ".join(f"{k} rejects {v}" for k, v in rejected_outside.items())
             raise NoSamplesError(
-                f"vec: every one of the {n} samples has its patch outside a source "
+                f"vector: every one of the {n} samples has its patch outside a source "
                 f"({detail}); check that the points fall inside the images and share their CRS"
             )
         if labels_out is not None:
@@ -269,16 +270,16 @@ def extract_patches(
             bands=tuple(s.bands for s in sources),
             spacings=tuple(s.grid.spacing for s in sources),
             dtypes=tuple(out_dtypes),
-            options=tuple(options(f"{s.name}.out") for s in sources),
-            keys=tuple(f"{s.name}.out" for s in sources),
+            options=tuple(options(f"{s.name}.output") for s in sources),
+            keys=tuple(f"{s.name}.output" for s in sources),
             labels_dtype=labels_dtype,
-            labels_options=options("outlabels"),
+            labels_options=options("labels_out"),
         )
         summary_outputs: dict[str, Path] = {}
         summary_shards: dict[str, list[Path]] = {}
         with gdal_cache():
             if shards:
-                source_keys = [None if o is None else f"{s.name}.out"
+                source_keys = [None if o is None else f"{s.name}.output"
                                for s, o in zip(sources, outputs, strict=True)]
                 with contextlib.ExitStack() as stack:
                     n_kept, rejected_nodata, summary_shards, kept_parts = extract_shards(
@@ -290,7 +291,7 @@ def extract_patches(
                         stage = stack.enter_context(output_group())
                         features = candidates[np.concatenate(kept_parts)]
                         write_points(
-                            stage(points_out, "outpoints"), points.x[features],
+                            stage(points_out, "points_out"), points.x[features],
                             points.y[features],
                             {field: points.labels[features],
                              "shard": np.repeat(np.arange(len(kept_parts), dtype=np.int64),
@@ -298,10 +299,10 @@ def extract_patches(
                              "patch": np.concatenate([np.arange(len(k), dtype=np.int64)
                                                       for k in kept_parts]),
                              "feature": features.astype(np.int64)},
-                            crs=grids[0].crs, parameter="outpoints",
+                            crs=grids[0].crs, parameter="points_out",
                             layer=Path(points_out).stem,
                         )
-                        summary_outputs["outpoints"] = Path(points_out)
+                        summary_outputs["points_out"] = Path(points_out)
             else:
                 spool = next(iter(claims.values())).dir if claims else None
                 n_kept, rejected_nodata = _extract_single(
@@ -324,7 +325,7 @@ def check_labels(labels: np.ndarray, dtype: np.dtype, clamp: bool) -> None:
     Raises
     ------
     InputError
-        Naming ``outlabels``, the values and how many samples carry them.
+        Naming ``labels_out``, the values and how many samples carry them.
     """
     n = count_unfit(labels, dtype)
     if n == 0:
@@ -334,11 +335,11 @@ def check_labels(labels: np.ndarray, dtype: np.dtype, clamp: bool) -> None:
     shown = ", ".join(str(int(v)) for v in values[:5]) + (", …" if len(values) > 5 else "")
     if not clamp:
         raise InputError(
-            f"outlabels: class values {shown} ({n} sample(s)) do not fit {dtype.name} "
-            f"({info.min}..{info.max}); give a wider pixel type (-outlabels labels.tif "
-            "int16) or clamp them (-outlabels.clamp true, clamp_labels=True)"
+            f"labels_out: class values {shown} ({n} sample(s)) do not fit {dtype.name} "
+            f"({info.min}..{info.max}); give a wider labels_pixel_type (e.g. int16) or "
+            "clamp them with clamp_labels=True"
         )
-    logger.warning("outlabels: %d sample(s) with class values %s clamped to %s's range "
+    logger.warning("labels_out: %d sample(s) with class values %s clamped to %s's range "
                    "%d..%d: those classes merge", n, shown, dtype.name, info.min, info.max)
 
 
@@ -375,31 +376,27 @@ def _extract_single(
         del nodata_hits
         positions = np.flatnonzero(ok)
         if len(positions) == 0:
-            detail = ", ".join(f"{k} rejects {v}" for k, v in rejected_nodata.items() if v)
-            raise NoSamplesError(
-                f"vec: every sample inside the images has nodata in its patch ({detail}); "
-                "check the sourceK.nodata values"
-            )
+            raise all_rejected_for_nodata(rejected_nodata)
         kept = candidates[positions]
         with output_group() as stage:
-            staged = [None if o is None else stage(o, f"{s.name}.out")
+            staged = [None if o is None else stage(o, f"{s.name}.output")
                       for s, o in zip(sources, outputs, strict=True)]
-            staged_labels = None if labels_out is None else stage(labels_out, "outlabels")
+            staged_labels = None if labels_out is None else stage(labels_out, "labels_out")
             labels = points.labels[kept]
             write_outputs(writing, buffers, positions, labels, staged, staged_labels)
             for s, o in zip(sources, outputs, strict=True):
                 if o is not None:
-                    summary_outputs[f"{s.name}.out"] = Path(o)
+                    summary_outputs[f"{s.name}.output"] = Path(o)
             if labels_out is not None:
-                summary_outputs["outlabels"] = Path(labels_out)
+                summary_outputs["labels_out"] = Path(labels_out)
             if points_out is not None:
                 write_points(
-                    stage(points_out, "outpoints"), points.x[kept], points.y[kept],
+                    stage(points_out, "points_out"), points.x[kept], points.y[kept],
                     {field: labels,
                      "patch": np.arange(len(kept), dtype=np.int64),
                      "feature": kept.astype(np.int64)},
-                    crs=grids[0].crs, parameter="outpoints", layer=Path(points_out).stem,
+                    crs=grids[0].crs, parameter="points_out", layer=Path(points_out).stem,
                 )
-                summary_outputs["outpoints"] = Path(points_out)
+                summary_outputs["points_out"] = Path(points_out)
         del buffers
     return len(kept), rejected_nodata

@@ -26,6 +26,7 @@ import rasterio
 import rasterio.errors
 from rasterio.windows import Window
 
+from terrapatch.errors import NoSamplesError
 from terrapatch.extraction import spool
 from terrapatch.progress import progress_bar
 from terrapatch.raster import Source, SourceReader, nodata_mask
@@ -514,6 +515,14 @@ def reject_nodata(sources: Sequence[Source],
         ok &= ~has_nodata
     return ok, rejected
 
+
+def all_rejected_for_nodata(rejected: Mapping[str, int]) -> NoSamplesError:
+    """The error when every sample inside the sources has nodata in a patch."""
+    detail = ", ".join(f"{k} rejects {v}" for k, v in rejected.items() if v)
+    return NoSamplesError(
+        f"vector: every sample inside the images has nodata in its patch ({detail}); "
+        "check the sources' nodata values"
+    )
 
 
 def _contains(patches: np.ndarray, nodata: float) -> np.ndarray:

@@ -17,8 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from terrapatch.errors import InputError, NoSamplesError
+from terrapatch.errors import InputError
 from terrapatch.extraction.reading import (
+    all_rejected_for_nodata,
     cluster_blocks,
     gdal_cache,
     read_candidates,
@@ -108,7 +109,7 @@ def extract_shards(
         folders[key] = folder
     stages = {key: stack.enter_context(atomic_directory(folder, key))
               for key, folder in folders.items()}
-    labels_key = "outlabels" if "outlabels" in outputs else None
+    labels_key = "labels_out" if "labels_out" in outputs else None
     tasks = []
     for k, idx in enumerate(parts):
         names = {key: os.fspath(stages[key] / _shard_name(outputs[key], k, digits))
@@ -134,11 +135,7 @@ def extract_shards(
     rejected = {s.name: sum(int(r["rejected_nodata"][s.name]) for r in results)
                 for s in sources}
     if n_kept == 0:
-        detail = ", ".join(f"{k} rejects {v}" for k, v in rejected.items() if v)
-        raise NoSamplesError(
-            f"vec: every sample inside the images has nodata in its patch ({detail}); "
-            "check the sourceK.nodata values"
-        )
+        raise all_rejected_for_nodata(rejected)
     written = [k for k, r in enumerate(results) if r["n"]]
     shards = {key: [folders[key] / _shard_name(outputs[key], k, digits) for k in written]
               for key in outputs}

@@ -51,5 +51,5 @@ def write_outputs(
         write_patches_image(
             labels_out, array_chunks(labels), n_patches=n, patch_size_x=1, patch_size_y=1,
             bands=1, dtype=writing.labels_dtype, creation_options=writing.labels_options,
-            parameter="outlabels", planar=True,
+            parameter="labels_out", planar=True,
         )

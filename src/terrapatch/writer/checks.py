@@ -274,21 +274,21 @@ def check_outputs(outputs: Mapping[str, Output | PathLike | None],
                 if mine.same(other) or other.holds(mine):
                     relation = "is inside" if other.holds(mine) and not mine.same(other) \
                         else "is also"
-                    shown = "" if other.shown == mine.shown else f" ({other.shown!r})"
                     raise InputError(f"{parameter}: {mine.shown!r}{side} {relation} "
-                                     f"{other.parameter}{shown}; the {what} would replace "
-                                     "its input")
+                                     f"{other.parameter}={other.shown!r}; the {what} would "
+                                     "replace its input")
                 if mine.holds(other):
                     raise InputError(f"{parameter}: {mine.shown!r} would be replaced, but it "
-                                     f"holds {other.parameter} ({other.shown!r})")
+                                     f"holds {other.parameter}={other.shown!r}")
             for other in written:
                 if mine.same(other):
                     raise InputError(f"{parameter}: {mine.shown!r}{side} is also "
-                                     f"{other.parameter}; give each output its own name")
+                                     f"{other.parameter}={other.shown!r}; give each output "
+                                     "its own name")
                 if mine.holds(other) or other.holds(mine):
                     inner, outer = (other, mine) if mine.holds(other) else (mine, other)
-                    raise InputError(f"{parameter}: {inner.parameter} ({inner.shown!r}) is "
-                                     f"inside {outer.parameter} ({outer.shown!r}), a folder "
+                    raise InputError(f"{parameter}: {inner.parameter}={inner.shown!r} is "
+                                     f"inside {outer.parameter}={outer.shown!r}, a folder "
                                      "written as a whole; give each output its own place")
         written.extend(_written_files(parameter, output))
 
