@@ -8,8 +8,6 @@ identifiers the body mentions are respelled too.
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,8 +19,7 @@ from affine import Affine
 from terrapatch import Source, extract_patches
 from terrapatch.apps import PatchesExtraction
 from terrapatch.apps.extraction import EXTRACTION_NAMES
-from terrapatch.errors import TerrapatchError
-from terrapatch.testing import coordinate_raster
+from terrapatch.testing import SpellingCase, coordinate_raster
 from terrapatch.vector import write_points
 
 T10 = Affine(10.0, 0.0, 1000.0, 0.0, -10.0, 5000.0)
@@ -75,26 +72,13 @@ def _app(s: Scene, **keys: Any) -> Any:
         "field": "class", **keys}, quiet=True)
 
 
-@dataclass(frozen=True)
-class Case:
-    """A bad value given to the core and to the application.
-
-    ``names`` pairs each neutral identifier of the message (its subject first) with
-    its OTBTF key.
-    """
-
-    core: Callable[[Scene], Any]
-    app: Callable[[Scene], Any]
-    names: tuple[tuple[str, str], ...]
-
-
 CASES = {
-    "patch larger than the image": Case(
+    "patch larger than the image": SpellingCase(
         lambda s: _core(s, size=80),
         lambda s: _app(s, **{"source1.patchsizex": 80, "source1.patchsizey": 80,
                              "source2.patchsizex": 40, "source2.patchsizey": 40}),
         (("source1.patch_size", "source1.patchsizex/y"),)),
-    "missing source file": Case(
+    "missing source file": SpellingCase(
         lambda s: extract_patches([Source(s.dir / "none.tif", 8, name="source1")], s.points,
                                   "class", [s.dir / "a.tif"], quiet=True),
         lambda s: PatchesExtraction({"source1.il": s.dir / "none.tif",
@@ -102,51 +86,37 @@ CASES = {
                                      "source1.out": s.dir / "a.tif", "vec": s.points,
                                      "field": "class"}, quiet=True),
         (("source1", "source1.il"),)),
-    "every patch outside the sources": Case(
+    "every patch outside the sources": SpellingCase(
         lambda s: _core(s, vector=s.far),
         lambda s: _app(s, vec=s.far),
         (("vector", "vec"),)),
-    "points in another CRS": Case(
+    "points in another CRS": SpellingCase(
         lambda s: _core(s, vector=s.lonlat),
         lambda s: _app(s, vec=s.lonlat),
         (("vector", "vec"), ("reproject=", "vec.reproject="))),
-    "sampling-grid factor of 0": Case(
+    "sampling-grid factor of 0": SpellingCase(
         lambda s: _core(s, factor=0),
         lambda s: _app(s, **{"grid.factor": 0}),
         (("factor", "grid.factor"),)),
-    "class values beyond uint8": Case(
+    "class values beyond uint8": SpellingCase(
         lambda s: _core(s, vector=s.big, labels_out=s.dir / "l.tif"),
         lambda s: _app(s, vec=s.big, outlabels=s.dir / "l.tif"),
         (("labels_out", "outlabels"), ("labels_pixel_type", "outlabels pixel type"),
          ("clamp_labels", "outlabels.clamp"))),
-    "output on its input": Case(
+    "output on its input": SpellingCase(
         lambda s: _core(s, outputs=[s.s10, s.dir / "b.tif"]),
         lambda s: _app(s, **{"source1.out": s.s10}),
         (("source1.output", "source1.out"), ("source1.paths", "source1.il"))),
-    "labels on a patches output": Case(
+    "labels on a patches output": SpellingCase(
         lambda s: _core(s, labels_out=s.dir / "a.tif"),
         lambda s: _app(s, outlabels=s.dir / "a.tif"),
         (("labels_out", "outlabels"), ("source1.output", "source1.out"))),
 }
 
 
-def _message(run: Callable[[Scene], Any], scene: Scene) -> str:
-    with pytest.raises(TerrapatchError) as info:
-        run(scene)
-    return str(info.value)
-
-
 @pytest.mark.parametrize("case", CASES.values(), ids=list(CASES))
-def test_core_and_app_name_the_same_error_each_its_way(scene: Scene, case: Case) -> None:
-    core, app = _message(case.core, scene), _message(case.app, scene)
-    (neutral, otbtf), *mentions = case.names
-    assert core.startswith(f"{neutral}: "), core
-    assert app.startswith(f"{otbtf}: "), app
-    body = core.removeprefix(neutral)
-    for name, key in mentions:
-        assert name in body, body
-        body = body.replace(name, key)
-    assert app == otbtf + body
+def test_core_and_app_name_the_same_error_each_its_way(scene: Scene, case: SpellingCase) -> None:
+    case.check(scene)
 
 
 def test_every_spelling_is_a_key_of_the_application() -> None:
@@ -164,34 +134,16 @@ def test_every_spelling_is_a_key_of_the_application() -> None:
 # ------------------------------------------------------------------ log records
 
 
-@pytest.fixture()
-def records() -> Iterator[list[str]]:
-    """Messages of the ``terrapatch`` log records (whatever the logger's propagation)."""
-    lines: list[str] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            lines.append(record.getMessage())
-
-    log = logging.getLogger("terrapatch")
-    handler, level = Keep(logging.INFO), log.level
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    yield lines
-    log.removeHandler(handler)
-    log.setLevel(level)
-
-
 def test_summary_and_clamp_warning_are_respelled_for_app_users(scene: Scene,
-                                                              records: list[str]) -> None:
+                                                              log_messages: list[str]) -> None:
     core = _core(scene, vector=scene.big, labels_out=scene.dir / "l.tif", clamp_labels=True)
     app = _app(scene, vec=scene.big, outlabels=scene.dir / "l2.tif",
                **{"outlabels.clamp": True}).result
     assert core.n_collected == app.n_collected == 3
     assert set(core.outputs) == {"source1.output", "source2.output", "labels_out"}
     clamp = "1 sample(s) with class values 300 clamped to uint8's range 0..255"
-    assert [line for line in records if "clamped" in line] == [
+    assert [line for line in log_messages if "clamped" in line] == [
         f"labels_out: {clamp}: those classes merge", f"outlabels: {clamp}: those classes merge"]
-    summaries = [line for line in records if "samples collected" in line]
+    summaries = [line for line in log_messages if "samples collected" in line]
     assert [line.split(": ")[0] for line in summaries] == ["extraction", "PatchesExtraction"]
     assert summaries[0].split(": ", 1)[1] == summaries[1].split(": ", 1)[1]

@@ -6,9 +6,7 @@ import json
 import xml.etree.ElementTree as ET
 
 import numpy as np
-import pyogrio
 import pytest
-import shapely
 from affine import Affine
 
 from terrapatch import sampling as S
@@ -21,25 +19,16 @@ from terrapatch.apps import (
 from terrapatch.cli import main
 from terrapatch.errors import InputError
 from terrapatch.patches import read_patches
-from terrapatch.testing import coordinate_raster, write_raster
+from terrapatch.testing import write_raster
 from terrapatch.vector import read_points
 
 T10 = Affine(10.0, 0.0, 1000.0, 0.0, -10.0, 5000.0)
 
 
 @pytest.fixture()
-def scene(tmp_path):
-    """A coordinate raster, a label raster on its grid and labelled polygons."""
-    img = coordinate_raster(tmp_path / "img.tif", 40, 30, T10)
-    labels = (np.arange(30)[:, None] // 10 + np.zeros((1, 40), int)).astype(np.uint8)
-    lab = write_raster(tmp_path / "lab.tif", labels, T10)
-    geoms = [shapely.box(1000, 4800, 1100, 4900), shapely.box(1200, 4750, 1300, 4850)]
-    vec = tmp_path / "poly.gpkg"
-    pyogrio.raw.write(vec, geometry=shapely.to_wkb(np.array(geoms, dtype=object)),
-                      field_data=[np.array(["crop", "wood"], dtype=object)],
-                      fields=["fclass"], crs="EPSG:32631", driver="GPKG",
-                      geometry_type="Polygon")
-    return img, lab, vec
+def scene(label_scene):
+    """The labelled scene's raster, label raster and polygons (tests/conftest.py)."""
+    return label_scene.img, label_scene.lab, label_scene.vec
 
 
 def _cli(capsys, *argv):

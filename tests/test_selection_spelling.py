@@ -8,17 +8,9 @@ body mentions are respelled too.
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pyogrio
 import pytest
-import shapely
-from affine import Affine
 
 from terrapatch import sampling as S
 from terrapatch.apps import (
@@ -27,36 +19,16 @@ from terrapatch.apps import (
     PatchesSelection,
     PolygonSampleSelection,
 )
-from terrapatch.errors import TerrapatchError
-from terrapatch.testing import coordinate_raster, write_raster
+from terrapatch.testing import SpellingCase
 
-T10 = Affine(10.0, 0.0, 1000.0, 0.0, -10.0, 5000.0)
-
-
-@dataclass(frozen=True)
-class Scene:
-    """A 40×30 coordinate raster, labels 0/1/2 by bands of 10 rows, two polygons."""
-
-    dir: Path
-    img: Path
-    lab: Path
-    frac: Path
-    vec: Path
+#: The ``label_scene`` fixture's value (tests/conftest.py): ``dir``, ``img``, ``lab``,
+#: ``frac`` and ``vec``.
+Scene = Any
 
 
 @pytest.fixture()
-def scene(tmp_path: Path) -> Scene:
-    img = coordinate_raster(tmp_path / "img.tif", 40, 30, T10)
-    labels = (np.arange(30)[:, None] // 10 + np.zeros((1, 40), int)).astype(np.uint8)
-    lab = write_raster(tmp_path / "lab.tif", labels, T10)
-    frac = write_raster(tmp_path / "frac.tif", np.full((30, 40), 1.5, np.float32), T10)
-    geoms = [shapely.box(1000, 4800, 1100, 4900), shapely.box(1200, 4750, 1300, 4850)]
-    vec = tmp_path / "poly.gpkg"
-    pyogrio.raw.write(vec, geometry=shapely.to_wkb(np.array(geoms, dtype=object)),
-                      field_data=[np.array(["crop", "wood"], dtype=object)],
-                      fields=["fclass"], crs="EPSG:32631", driver="GPKG",
-                      geometry_type="Polygon")
-    return Scene(tmp_path, img, lab, frac, vec)
+def scene(label_scene: Scene) -> Scene:
+    return label_scene
 
 
 def _grid_app(s: Scene, **keys: Any) -> None:
@@ -73,44 +45,31 @@ def _polygon_app(s: Scene, **keys: Any) -> None:
                             "out": s.dir / "p.gpkg", **keys}, quiet=True)
 
 
-@dataclass(frozen=True)
-class Case:
-    """A bad value given to the core and to its application.
-
-    ``names`` pairs each neutral identifier of the message (its subject first) with
-    its OTBTF key.
-    """
-
-    core: Callable[[Scene], Any]
-    app: Callable[[Scene], Any]
-    names: tuple[tuple[str, str], ...]
-
-
 CASES = {
-    "patch larger than the image": Case(
+    "patch larger than the image": SpellingCase(
         lambda s: S.select_patches(s.img, 100, 8),
         lambda s: _grid_app(s, **{"grid.psize": 100}),
         (("psize", "grid.psize"),)),
-    "missing reference image": Case(
+    "missing reference image": SpellingCase(
         lambda s: S.select_patches(s.dir / "none.tif", 8, 8),
         lambda s: _grid_app(s, **{"in": s.dir / "none.tif"}),
         (("image", "in"),)),
-    "offset off the sampling grid": Case(
+    "offset off the sampling grid": SpellingCase(
         lambda s: S.select_patches(s.img, 8, 8, factor=2),
         lambda s: _grid_app(s, **{"grid.factor": 2}),
         (("offset[0]", "grid.offsetx"), ("factor=", "grid.factor="))),
-    "empty valid group": Case(
+    "empty valid group": SpellingCase(
         lambda s: S.select_patches(s.img, 30, 30, offset=29, strategy="split").write(
             s.dir / "t.gpkg", s.dir / "v.gpkg"),
         lambda s: _grid_app(s, **{"grid.step": 30, "grid.psize": 30, "grid.offsetx": 29,
                                   "grid.offsety": 29, "strategy": "split",
                                   "outvalid": s.dir / "v.gpkg"}),
         (("valid", "outvalid"),)),
-    "label not an integer": Case(
+    "label not an integer": SpellingCase(
         lambda s: S.select_patches(s.img, 8, 8, label_image=s.frac),
         lambda s: _grid_app(s, label=s.frac),
         (("label_image", "label"),)),
-    "balanced label beyond nclasses": Case(
+    "balanced label beyond nclasses": SpellingCase(
         lambda s: S.select_patches(s.lab, 8, 8, strategy="balanced", label_image=s.lab,
                                    nclasses=2),
         lambda s: _grid_app(s, **{"in": s.lab, "strategy": "balanced",
@@ -118,35 +77,35 @@ CASES = {
                                   "strategy.balanced.nclasses": 2}),
         (("label_image", "strategy.balanced.labelimage"),
          ("nclasses=", "strategy.balanced.nclasses="))),
-    "total beyond the labelled pixels": Case(
+    "total beyond the labelled pixels": SpellingCase(
         lambda s: S.select_from_label_image(s.lab, strategy="total", total=5000),
         lambda s: _label_app(s, strategy="total", **{"strategy.total.v": 5000}),
         (("total", "strategy.total.v"),)),
-    "no point per class": Case(
+    "no point per class": SpellingCase(
         lambda s: S.select_from_label_image(s.lab, count=0),
         lambda s: _label_app(s, **{"strategy.constant.nb": 0}),
         (("count", "strategy.constant.nb"),)),
-    "constant count beyond a class": Case(
+    "constant count beyond a class": SpellingCase(
         lambda s: S.sample_polygons(s.img, s.vec, "fclass", strategy="constant", counts=101),
         lambda s: _polygon_app(s, strategy="constant", **{"strategy.constant.nb": 101}),
         (("counts", "strategy.constant.nb"),)),
-    "per-class count beyond a class": Case(
+    "per-class count beyond a class": SpellingCase(
         lambda s: S.sample_polygons(s.img, s.vec, "fclass", strategy="constant",
                                     counts={"crop": 101}),
         lambda s: _polygon_app(s, strategy="constant",
                                **{"strategy.constant.counts": "crop:101"}),
         (("counts", "strategy.constant.counts"),)),
-    "balanced count of 0": Case(
+    "balanced count of 0": SpellingCase(
         lambda s: S.sample_polygons(s.img, s.vec, "fclass", strategy="balanced", counts=0),
         lambda s: _polygon_app(s, **{"strategy.balanced.nb": 0}),
         (("counts", "strategy.balanced.nb"),)),
-    "missing polygons": Case(
+    "missing polygons": SpellingCase(
         lambda s: S.polygon_class_statistics(s.img, s.dir / "none.gpkg", "fclass"),
         lambda s: DensePolygonClassStatistics({"in": s.img, "vec": s.dir / "none.gpkg",
                                                "field": "fclass", "out": s.dir / "s.json"},
                                               quiet=True),
         (("polygons", "vec"),)),
-    "missing support raster": Case(
+    "missing support raster": SpellingCase(
         lambda s: S.polygon_class_statistics(s.dir / "none.tif", s.vec, "fclass"),
         lambda s: DensePolygonClassStatistics({"in": s.dir / "none.tif", "vec": s.vec,
                                                "field": "fclass", "out": s.dir / "s.json"},
@@ -155,59 +114,27 @@ CASES = {
 }
 
 
-def _message(run: Callable[[Scene], Any], scene: Scene) -> str:
-    with pytest.raises(TerrapatchError) as info:
-        run(scene)
-    return str(info.value)
-
-
 @pytest.mark.parametrize("case", CASES.values(), ids=list(CASES))
-def test_core_and_app_name_the_same_error_each_its_way(scene: Scene, case: Case) -> None:
-    core, app = _message(case.core, scene), _message(case.app, scene)
-    (neutral, otbtf), *mentions = case.names
-    assert core.startswith(f"{neutral}: "), core
-    assert app.startswith(f"{otbtf}: "), app
-    body = core.removeprefix(neutral)
-    for name, key in mentions:
-        assert name in body, body
-        body = body.replace(name, key)
-    assert app == otbtf + body
+def test_core_and_app_name_the_same_error_each_its_way(scene: Scene, case: SpellingCase) -> None:
+    case.check(scene)
 
 
 # ------------------------------------------------------------------ log records
 
 
-@pytest.fixture()
-def records() -> Iterator[list[str]]:
-    """Messages of the ``terrapatch`` log records (whatever the logger's propagation)."""
-    lines: list[str] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            lines.append(record.getMessage())
-
-    log = logging.getLogger("terrapatch")
-    handler, level = Keep(logging.INFO), log.level
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    yield lines
-    log.removeHandler(handler)
-    log.setLevel(level)
-
-
-def test_cap_warning_is_respelled_for_app_users(scene: Scene, records: list[str]) -> None:
+def test_cap_warning_is_respelled_for_app_users(scene: Scene, log_messages: list[str]) -> None:
     S.select_from_label_image(scene.lab, count=5000, quiet=True)
     _label_app(scene, **{"strategy.constant.nb": 5000})
     cap = "exceeds the smallest class (class 0: 400 pixels); taking 400 points per class"
-    warned = [line for line in records if "exceeds" in line]
+    warned = [line for line in log_messages if "exceeds" in line]
     assert warned == [f"label selection: count=5000 {cap}",
                       f"LabelImageSampleSelection: strategy.constant.nb=5000 {cap}"]
 
 
 def test_unwritten_group_log_is_respelled_for_app_users(scene: Scene,
-                                                        records: list[str]) -> None:
+                                                        log_messages: list[str]) -> None:
     S.select_patches(scene.img, 8, 8, quiet=True).write(scene.dir / "a.gpkg")
     _grid_app(scene)
-    skipped = [line for line in records if "not written" in line]
+    skipped = [line for line in log_messages if "not written" in line]
     assert skipped == ["grid selection: 6 points of group valid not written (valid=None)",
                        "PatchesSelection: 6 points of group valid not written (outvalid=None)"]

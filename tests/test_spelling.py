@@ -101,33 +101,13 @@ def test_respelled_blocks_nest_innermost_first():
         raise InputError("factor: bad")
 
 
-class _Records(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
-
-
-@pytest.fixture
-def records():
-    log = logging.getLogger("terrapatch")
-    handler, level = _Records(), log.level
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    yield handler.lines
-    log.removeHandler(handler)
-    log.setLevel(level)
-
-
-def test_log_records_are_respelled_inside_the_block_only(records):
+def test_log_records_are_respelled_inside_the_block_only(log_messages):
     log = logging.getLogger("terrapatch")
     with respelled(TABLE):
         log.warning("tile_size: %d×%d enlarged to %s", 16, 16, "tile_size=32")
     log.warning("tile_size: outside")
-    assert records == ["optim.tilesizex/y: 16×16 enlarged to optim.tilesizex/y=32",
-                       "tile_size: outside"]
+    assert log_messages == ["optim.tilesizex/y: 16×16 enlarged to optim.tilesizex/y=32",
+                            "tile_size: outside"]
 
 
 # ------------------------------------------------------------------ both spellings, served
@@ -208,14 +188,14 @@ def test_the_facade_and_the_cli_read_alike(scene, conv, tmp_path):
                              out=tmp_path / "map.tif")
 
 
-def test_a_warning_reads_in_the_spelling_of_its_caller(scene, tmp_path, records):
+def test_a_warning_reads_in_the_spelling_of_its_caller(scene, tmp_path, log_messages):
     same = segmentation_onnx(tmp_path / "same.onnx", bands=4, layers=2, width=4)
     (tmp_path / "b").mkdir()
     serve([Source(scene.img_10m)], same, tmp_path / "a.tif", fullyconv=True, tile_size=1,
           quiet=True)
     TensorflowModelServe(source1_il=scene.img_10m, model_dir=same, model_fullyconv=True,
                          optim_tilesizex=1, out=tmp_path / "b" / "map.tif", quiet=True)
-    enlarged = [line for line in records if "enlarged to" in line]
+    enlarged = [line for line in log_messages if "enlarged to" in line]
     assert [line.split(":")[0] for line in enlarged] == ["tile_size", "optim.tilesizex/y"]
 
 

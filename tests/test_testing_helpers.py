@@ -9,10 +9,13 @@ import pytest
 from affine import Affine
 from rasterio.windows import Window
 
+from terrapatch.errors import InputError
 from terrapatch.patches import write_patches_image
 from terrapatch.testing import (
     Raster,
+    SpellingCase,
     assert_coordinate_patch,
+    assert_respelled,
     assert_same_map,
     assert_same_patches,
     assert_same_values,
@@ -195,3 +198,32 @@ def test_coordinate_patch(tmp_path):
         assert_coordinate_patch(broken, 5, 3)
     with pytest.raises(AssertionError, match=r"not \(rows, cols, bands ≥ 2\)"):
         assert_coordinate_patch(data[..., 0], 0, 0)
+
+
+def test_respelled():
+    core = "labels_out: 300 does not fit uint8; give labels_pixel_type=int16"
+    app = "outlabels: 300 does not fit uint8; give outlabels pixel type=int16"
+    names = [("labels_out", "outlabels"), ("labels_pixel_type", "outlabels pixel type")]
+    assert_respelled(core, app, names)
+    with pytest.raises(AssertionError, match=r"does not start with 'outlabels'"):
+        assert_respelled(core, "labels_out: 300 does not fit uint8", names)
+    with pytest.raises(AssertionError, match=r"does not mention 'clamp_labels'"):
+        assert_respelled(core, app, [*names, ("clamp_labels", "outlabels.clamp")])
+    with pytest.raises(AssertionError, match=r"differ beyond their names"):
+        assert_respelled(core, app.replace("uint8", "int8"), names)
+    with pytest.raises(AssertionError, match=r"names: give at least"):
+        assert_respelled(core, app, [])
+
+
+def test_spelling_case_needs_both_errors():
+    def core(value):
+        raise InputError(f"spcscale: {value} is not a scale")
+
+    def facade(value):
+        raise InputError(f"output.spcscale: {value} is not a scale")
+
+    SpellingCase(core, facade, (("spcscale", "output.spcscale"),)).check(1.5)
+    with pytest.raises(AssertionError, match=r"raised no terrapatch error"):
+        SpellingCase(core, lambda value: None, (("spcscale", "output.spcscale"),)).check(1.5)
+    with pytest.raises(AssertionError, match=r"differ beyond their names"):
+        SpellingCase(core, lambda v: facade(v + 1), (("spcscale", "output.spcscale"),)).check(1.5)

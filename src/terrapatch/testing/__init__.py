@@ -6,6 +6,8 @@
 - :mod:`terrapatch.testing.asserts`: assertions whose messages say what differs
   (``assert_same_map``, ``assert_same_patches``, ``assert_same_values``,
   ``assert_windows_equal``, ``assert_coordinate_patch``) and ``read_raster``.
+- :mod:`terrapatch.testing.spellings`: ``assert_respelled`` and ``SpellingCase``, for
+  facades that respell the core's identifiers.
 - :mod:`terrapatch.testing.strategies`: hypothesis strategies for random nested grids
   (needs ``hypothesis``).
 - :mod:`terrapatch.testing.markers`: ``requires_*`` skip markers for optional
@@ -28,12 +30,15 @@ from terrapatch.testing.asserts import (
 )
 from terrapatch.testing.rasters import coordinate_raster, mosaic_vrt, write_raster
 from terrapatch.testing.scene import CLASSES, Scene, make_scene
+from terrapatch.testing.spellings import SpellingCase, assert_respelled
 
 __all__ = [
     "CLASSES",
     "Raster",
     "Scene",
+    "SpellingCase",
     "assert_coordinate_patch",
+    "assert_respelled",
     "assert_same_map",
     "assert_same_patches",
     "assert_same_values",
