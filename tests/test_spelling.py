@@ -203,9 +203,17 @@ def test_every_spelling_is_a_parameter_of_the_application():
     keys = set(TensorflowModelServe.all_keys(3))
     options = {"--device", "--resume", "--workers", "--dask-scheduler"}
     for neutral, spelled in SERVE_NAMES.items():
+        if neutral == "serving":
+            assert spelled == TensorflowModelServe.name
+            continue
         for k in (1, 3):
             shown = spelled.replace(SOURCE, f"source{k}")
             if shown.endswith("x/y"):
                 assert {shown[:-2], shown[:-3] + "y"} <= keys, (neutral, shown)
             else:
                 assert shown in keys | options, (neutral, shown)
+
+
+def test_a_cluster_failure_names_the_application():
+    failed = "serving: task 3 failed on the cluster after 2 retries: RuntimeError: boom"
+    assert Spelling(SERVE_NAMES)(failed) == failed.replace("serving", "TensorflowModelServe")

@@ -48,6 +48,7 @@ SERVE_NAMES = {
     "resume": "--resume",
     "workers": "--workers",
     "scheduler": "--dask-scheduler",
+    "serving": "TensorflowModelServe",  # the core's name for itself in cluster errors
 }
 
 
